@@ -1,0 +1,93 @@
+"""The `retrain` flow: version the data, preprocess, fine-tune every strategy, evaluate, register, promote.
+
+    from flows.retrain import retrain
+    summary = retrain(overrides=["train.epochs=1"])
+
+Every step is a task in `tasks/`; this module only chains them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+
+from tasks.data import build_manifest_task, version_data_task
+from tasks.evaluate import evaluate_task
+from tasks.foundation import foundation_task
+from tasks.preprocess import preprocess_task
+from tasks.register import log_strategy_task, promote_task, start_tracking_task
+from tasks.train import TrainSettings, fine_tune_task, output_dir
+from vitflow import PROJECT_ROOT, WORK_DIR
+from vitflow.config import PARAMS_FILE, load_params
+from vitflow.models import DataConfig, load_model
+from vitflow.tracking import git_state
+
+
+def resolve_path(path: str) -> Path:
+    """Paths in params.yaml are relative to the project; absolute ones stay as they are."""
+    return Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
+
+
+def resolve_model_source(params: dict) -> str:
+    """A model source that names a project directory becomes its absolute path; ids and names stay."""
+    source = params["model"]["source"]
+    in_project = resolve_path(source)
+    return str(in_project) if in_project.exists() or source == params["foundation"]["output"] else source
+
+
+@task(name="inspect-model")
+def inspect_model_task(model_source: str, labels: list[str], image_size: int | None,
+                       trust_remote_code: bool) -> DataConfig:
+    """Load the pretrained model once to read the preprocessing that travels with it."""
+    return load_model(model_source, labels, image_size, trust_remote_code).data_config
+
+
+@flow(name="retrain")
+def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FILE)) -> dict:
+    """Run the whole pipeline with params.yaml plus `overrides`; returns a summary for the CLI."""
+    params = load_params(params_file, overrides)
+    data_params, train_params = params["data"], params["train"]
+    model_source = resolve_model_source(params)
+    if model_source == str(resolve_path(params["foundation"]["output"])):
+        foundation_task()
+    data_dir = str(resolve_path(data_params["path"]))
+
+    data_version = version_data_task(data_dir)
+    manifest_csv = str(WORK_DIR / "manifests" / f"{data_version.short}.csv")
+    manifest = build_manifest_task(data_dir, data_params["val_fraction"], data_params["test_fraction"],
+                                   data_params["seed"], manifest_csv)
+    labels = sorted(manifest.loc[manifest["status"] == "ok", "label"].unique().tolist())
+    image_size = params["preprocess"]["image_size"]
+    trust_remote_code = params["model"]["trust_remote_code"]
+    data_config = inspect_model_task(model_source, labels, image_size, trust_remote_code)
+    cache_file = preprocess_task(manifest, data_dir, data_version.hash, data_config, labels,
+                                 str(WORK_DIR / "cache"))
+
+    tags = {"data_version": data_version.hash, "data_dirty": str(data_version.dirty).lower(),
+            "data_tracked": str(data_version.tracked).lower(), "model_source": params["model"]["source"],
+            **git_state()}
+    tags["mlflow.source.git.commit"] = tags["git_commit"]
+    model_short = Path(params["model"]["source"].rstrip("/")).name
+    experiment_id, parent_run_id = start_tracking_task(params["mlflow"]["experiment"],
+                                                       f"retrain-{model_short}-{data_version.short}", params, tags)
+
+    settings = TrainSettings.from_params(params)
+    registered = []
+    for strategy in train_params["strategies"]:
+        out_dir = output_dir(WORK_DIR, cache_file, model_source, image_size, settings, strategy)
+        trained = fine_tune_task(model_source, labels, image_size, cache_file, strategy, settings, str(out_dir),
+                                 trust_remote_code)
+        evaluation = evaluate_task(trained.model_dir, cache_file, str(out_dir / "evaluation"),
+                                   params["evaluate"]["batch_size"], trained.history)
+        registered.append(log_strategy_task(experiment_id, parent_run_id,
+                                            f"{model_short}-{strategy}-{data_version.short}", trained, evaluation,
+                                            params, tags, manifest_csv, params["registry"]["model_name"]))
+
+    decision = promote_task(parent_run_id, params["registry"]["model_name"], registered,
+                            params["registry"]["metric"], params["registry"]["min_improvement"], data_version.hash,
+                            cache_file, params["evaluate"]["batch_size"], str(WORK_DIR))
+    skipped = int((manifest["status"] != "ok").sum())
+    return {"parent_run_id": parent_run_id, "experiment_id": experiment_id, "data_version": data_version.hash,
+            "registered": registered, "decision": decision, "skipped_images": skipped,
+            "model_name": params["registry"]["model_name"]}

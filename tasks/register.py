@@ -1,0 +1,189 @@
+"""Record runs in MLflow, register every strategy's model, and decide promotion by aliases.
+
+One parent run per flow run, one nested run per strategy. Each strategy's model becomes a
+version of one registered model. The best new version gets the alias `challenger`; it takes
+`champion` only when there is none yet, or when it beats the champion on the test split of
+the same data version by more than `registry.min_improvement`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from prefect import task
+
+from tasks.evaluate import EvalResult
+from tasks.train import TrainResult
+from vitflow import PROJECT_ROOT
+from vitflow.serving import SIGNATURE, load_logged_model
+from vitflow.tracking import configure_mlflow
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+SERVING_PACKAGES = ("torch", "torchvision", "timm", "transformers", "safetensors", "pillow", "numpy", "pandas")
+
+
+@dataclass
+class RegisteredVersion:
+    strategy: str
+    run_id: str
+    version: str
+    metrics: dict[str, float]
+
+
+@dataclass
+class PromotionDecision:
+    challenger: str  # model version
+    champion_before: str | None
+    promoted: bool
+    reason: str
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, str]:
+    """{"train": {"epochs": 3}} -> {"train.epochs": "3"}, for MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+def start_parent_run(client: MlflowClient, experiment_id: str, run_name: str, params: dict,
+                     tags: dict[str, str]) -> str:
+    """Create the flow run's parent run with all params and the data/code version tags; return its id."""
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    for key, value in flatten(params).items():
+        client.log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+def log_strategy_run(client: MlflowClient, experiment_id: str, parent_run_id: str, run_name: str,
+                     train: TrainResult, evaluation: EvalResult, params: dict, tags: dict[str, str],
+                     manifest_csv: str, model_name: str) -> RegisteredVersion:
+    """One nested run: params, per-epoch history, test metrics, artifacts, the model and its registry version."""
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={**tags, "mlflow.parentRunId": parent_run_id, "strategy": train.strategy})
+    run_id = run.info.run_id
+    for key, value in {**flatten(params), "strategy": train.strategy}.items():
+        client.log_param(run_id, key, value)
+    for row in train.history:
+        for key in ("train_loss", "val_loss", "val_accuracy"):
+            client.log_metric(run_id, key, row[key], step=row["epoch"])
+    metrics = {**evaluation.metrics, "trainable_params": train.trainable_params, "total_params": train.total_params,
+               "train_seconds": train.train_seconds, "train_images_per_second": train.images_per_second,
+               "peak_rss_mb": train.peak_rss_mb}
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    for path in [*evaluation.artifacts, manifest_csv]:
+        client.log_artifact(run_id, path)
+    with mlflow.start_run(run_id=run_id):  # log_model needs an active run in this thread
+        model_info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(PROJECT_ROOT / "vitflow" / "mlflow_model.py"),
+            artifacts={"model_dir": train.model_dir}, code_paths=[str(PROJECT_ROOT / "vitflow")],
+            signature=SIGNATURE, pip_requirements=serving_requirements())
+    version_tags = {**tags, "strategy": train.strategy, "run_id": run_id,
+                    **{key: f"{metrics[key]:.6g}" for key in ("test_accuracy", "test_macro_f1")}}
+    version = mlflow.register_model(model_info.model_uri, model_name, tags=version_tags)
+    client.set_terminated(run_id)
+    return RegisteredVersion(train.strategy, run_id, version.version, metrics)
+
+
+def serving_requirements() -> list[str]:
+    """Pinned versions of what loading the model needs, taken from this environment."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in SERVING_PACKAGES]
+
+
+def decide_promotion(challenger_score: float, champion_score: float | None, min_improvement: float) -> tuple[bool, str]:
+    """Whether the challenger takes `champion`, and why (the scores are on the same test split)."""
+    if champion_score is None:
+        return True, "no champion yet"
+    if challenger_score > champion_score + min_improvement:
+        return True, f"beats the champion: {challenger_score:.4f} > {champion_score:.4f} + {min_improvement}"
+    return False, f"does not beat the champion: {challenger_score:.4f} <= {champion_score:.4f} + {min_improvement}"
+
+
+def champion_version(client: MlflowClient, model_name: str):
+    """The version holding `champion`, or None."""
+    try:
+        return client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def promote(client: MlflowClient, model_name: str, candidates: list[RegisteredVersion], metric: str,
+            min_improvement: float, data_version: str, champion_score_on_current_test) -> PromotionDecision:
+    """Give the best candidate `challenger`, and `champion` when `decide_promotion` says so.
+
+    `champion_score_on_current_test(version)` scores the current champion on this flow run's
+    test split; it is called only when the champion was evaluated on another data version.
+    """
+    key = f"test_{metric}"
+    best = max(candidates, key=lambda candidate: candidate.metrics[key])
+    client.set_registered_model_alias(model_name, CHALLENGER, best.version)
+    current = champion_version(client, model_name)
+    champion_score = None
+    if current is not None:
+        if current.tags.get("data_version") == data_version and key in current.tags:
+            champion_score = float(current.tags[key])
+        else:
+            champion_score = champion_score_on_current_test(current)
+    promoted, reason = decide_promotion(best.metrics[key], champion_score, min_improvement)
+    if promoted:
+        client.set_registered_model_alias(model_name, CHAMPION, best.version)
+    for candidate in candidates:
+        if candidate is best:
+            decision, why = ("promoted to champion" if promoted else "challenger, not promoted"), reason
+        else:
+            decision, why = "not selected", f"{key} {candidate.metrics[key]:.4f} below the best new version"
+        client.set_model_version_tag(model_name, candidate.version, "decision", decision)
+        client.set_model_version_tag(model_name, candidate.version, "decision_reason", why)
+    return PromotionDecision(challenger=best.version, champion_before=current.version if current else None,
+                             promoted=promoted, reason=reason)
+
+
+@task(name="start-tracking")
+def start_tracking_task(experiment: str, run_name: str, params: dict, tags: dict[str, str]) -> tuple[str, str]:
+    """Create the parent run; returns (experiment_id, parent_run_id)."""
+    from vitflow.tracking import ensure_experiment
+
+    client = configure_mlflow()
+    experiment_id = ensure_experiment(client, experiment)
+    return experiment_id, start_parent_run(client, experiment_id, run_name, params, tags)
+
+
+@task(name="log-and-register")
+def log_strategy_task(experiment_id: str, parent_run_id: str, run_name: str, train: TrainResult,
+                      evaluation: EvalResult, params: dict, tags: dict[str, str], manifest_csv: str,
+                      model_name: str) -> RegisteredVersion:
+    return log_strategy_run(configure_mlflow(), experiment_id, parent_run_id, run_name, train, evaluation, params,
+                            tags, manifest_csv, model_name)
+
+
+@task(name="promote")
+def promote_task(parent_run_id: str, model_name: str, candidates: list[RegisteredVersion], metric: str,
+                 min_improvement: float, data_version: str, cache_file: str, eval_batch_size: int,
+                 work_dir: str) -> PromotionDecision:
+    """Promote by the rule, re-scoring an older champion on this run's test split when needed."""
+    from tasks.evaluate import evaluate_model
+    from tasks.preprocess import load_split
+
+    client = configure_mlflow()
+
+    def champion_score_on_current_test(version) -> float:
+        model = load_logged_model(f"models:/{model_name}/{version.version}")
+        result = evaluate_model(model, load_split(cache_file, "test"), Path(work_dir) / "champion-eval",
+                                eval_batch_size)
+        return result.metrics[f"test_{metric}"]
+
+    decision = promote(client, model_name, candidates, metric, min_improvement, data_version,
+                       champion_score_on_current_test)
+    client.set_tag(parent_run_id, "promotion", f"v{decision.challenger} "
+                   f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}")
+    client.set_terminated(parent_run_id)
+    return decision

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny models saved locally, a small slice of real data, isolated stores.
+
+Everything a test writes goes under a temporary directory: caches (VITFLOW_WORK_DIR),
+the MLflow store (MLFLOW_TRACKING_URI) and Prefect's home.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="vitflow-tests-"))
+os.environ["VITFLOW_WORK_DIR"] = str(_SESSION_DIR / "work")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlflow.db'}"
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
+os.environ["HF_HUB_OFFLINE"] = "1"  # no hub here: fail at once instead of retrying
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+PNEUMONIA_NPZ = SHARED_DATASETS / "pneumoniamnist.npz"
+TINY_IMAGE_SIZE = 32
+
+
+def save_tiny_hf_vit(directory: Path, num_labels: int = 3) -> Path:
+    """A randomly initialised 2-block ViT (32x32 input) saved with `save_pretrained`."""
+    import torch
+    from transformers import BitImageProcessor, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=TINY_IMAGE_SIZE, patch_size=8, num_labels=num_labels)
+    ViTForImageClassification(config).save_pretrained(directory)
+    BitImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE,
+                      "width": TINY_IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
+    return directory
+
+
+def save_tiny_timm_vit(directory: Path, num_classes: int = 3) -> Path:
+    """A randomly initialised 2-block timm VisionTransformer saved as a local timm checkpoint."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=TINY_IMAGE_SIZE, patch_size=8,
+                              depth=2, num_heads=2, embed_dim=32, num_classes=num_classes)
+    timm.models.save_for_hf(model, str(directory), safe_serialization=True)
+    return directory
+
+
+def write_pneumonia_folder(directory: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """A slice of the real PneumoniaMNIST arrays written as an image folder: <split>/<class>/*.png."""
+    arrays = np.load(PNEUMONIA_NPZ)
+    rng = np.random.default_rng(seed)
+    names = {0: "normal", 1: "pneumonia"}
+    for split, count in per_class.items():
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"][:, 0]
+        for label, name in names.items():
+            (directory / split / name).mkdir(parents=True, exist_ok=True)
+            for index in rng.choice(np.flatnonzero(labels == label), size=count, replace=False):
+                Image.fromarray(images[index], mode="L").save(directory / split / name / f"{index}.png")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(session_dir) -> Path:
+    return save_tiny_hf_vit(session_dir / "tiny-hf-vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_timm_model(session_dir) -> Path:
+    return save_tiny_timm_vit(session_dir / "tiny-timm-vit")
+
+
+@pytest.fixture(scope="session")
+def pneumonia_folder(session_dir) -> Path:
+    """train 60 + val 20 + test 30 images per class of real chest X-rays (28x28 grayscale)."""
+    return write_pneumonia_folder(session_dir / "pneumonia", {"train": 60, "val": 20, "test": 30})

@@ -1,0 +1,71 @@
+"""End to end: the real `retrain` flow on Prefect's ephemeral server, a SQLite MLflow store,
+a tiny transformers ViT and a slice of real chest X-rays."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.retrain import retrain
+from vitflow.serving import load_logged_model
+from vitflow.tracking import tracking_uri
+
+MODEL_NAME = "e2e-classifier"
+STRATEGIES = {"full", "partial", "feature_extraction"}
+
+
+@pytest.fixture(scope="module")
+def base_overrides(pneumonia_folder, tiny_hf_model):
+    return [f"data.path={pneumonia_folder}", f"model.source={tiny_hf_model}", "train.epochs=6",
+            "train.feature_extraction_epochs=20", "train.lr_backbone=3e-3", "train.lr_head=3e-3",
+            "train.partial_blocks=1", "preprocess.augment=false", f"registry.model_name={MODEL_NAME}",
+            "mlflow.experiment=e2e"]
+
+
+def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides):
+    client = MlflowClient(tracking_uri(), tracking_uri())
+
+    first = retrain(overrides=base_overrides)
+
+    experiment_id = first["experiment_id"]
+    parent = client.get_run(first["parent_run_id"])
+    assert parent.data.tags["data_version"] == first["data_version"]
+    assert parent.data.tags["git_commit"]
+    assert parent.data.params["train.epochs"] == "6"
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {run.data.tags["strategy"] for run in children} == STRATEGIES
+    for run in children:
+        assert {"test_accuracy", "test_macro_f1", "latency_ms_per_image", "trainable_params",
+                "total_params"} <= set(run.data.metrics)
+        epochs = 20 if run.data.tags["strategy"] == "feature_extraction" else 6
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == epochs
+        artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+        assert {"confusion_matrix.csv", "confusion_matrix.png", "learning_curve.png",
+                "classification_report.csv", f"{first['data_version'].removeprefix('content-')[:8]}.csv"} <= artifacts
+        assert run.data.tags["data_version"] == first["data_version"]
+
+    versions = client.search_model_versions(f"name='{MODEL_NAME}'")
+    assert len(versions) == 3
+    assert {version.tags["strategy"] for version in versions} == STRATEGIES
+    assert all(version.tags["data_version"] == first["data_version"] for version in versions)
+    best = max(first["registered"], key=lambda item: item.metrics["test_accuracy"])
+    assert first["decision"].promoted and first["decision"].challenger == best.version
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == best.version
+    assert client.get_model_version(MODEL_NAME, best.version).tags["decision"] == "promoted to champion"
+    assert best.metrics["test_accuracy"] > 0.6  # the tiny model learns something real
+
+    champion = load_logged_model(f"models:/{MODEL_NAME}@champion")
+    assert champion.labels == ["normal", "pneumonia"]
+
+    # A worse model (nothing is learned) on the same data version must not take the champion alias.
+    second = retrain(overrides=[*base_overrides, "train.lr_backbone=0", "train.lr_head=0"])
+    assert not second["decision"].promoted
+    assert second["decision"].champion_before == best.version
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == best.version
+    assert client.get_model_version_by_alias(MODEL_NAME, "challenger").version == second["decision"].challenger
+    assert "does not beat the champion" in client.get_model_version(
+        MODEL_NAME, second["decision"].challenger).tags["decision_reason"]
+
+    # Re-running the first configuration reuses the finished trainings instead of training again.
+    third = retrain(overrides=base_overrides)
+    seconds = {item.strategy: item.metrics["train_seconds"] for item in first["registered"]}
+    assert {item.strategy: item.metrics["train_seconds"] for item in third["registered"]} == seconds
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 9

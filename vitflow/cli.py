@@ -1,0 +1,134 @@
+"""The `vitflow` command line.
+
+    vitflow run [--data DIR] [--model SOURCE] [--strategies full,partial] [--epochs N] [--set KEY=VALUE ...]
+    vitflow predict IMAGE... [--model URI_OR_DIR] [--top-k 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vitflow.config import PARAMS_FILE
+from vitflow.errors import VitflowError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except VitflowError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitflow", description=__doc__.strip().splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the retrain flow: version data, fine-tune, evaluate, register")
+    run.add_argument("--params", default=str(PARAMS_FILE), help="config file (default: the project's params.yaml)")
+    run.add_argument("--data", help="image folder: <split>/<class>/* or <class>/* (overrides data.path)")
+    run.add_argument("--model", help="HF id or directory, or timm name or directory (overrides model.source)")
+    run.add_argument("--strategies", help="comma-separated: full,partial,feature_extraction")
+    run.add_argument("--epochs", type=int, help="overrides train.epochs")
+    run.add_argument("--batch-size", type=int, help="overrides train.batch_size")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any params.yaml setting, e.g. --set train.lr_head=5e-4 (repeatable)")
+    run.set_defaults(handler=run_command)
+
+    predict = commands.add_parser("predict", help="top-k labels for images, from the champion by default")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--model", help="MLflow model URI (models:/NAME@ALIAS, runs:/...) or a checkpoint directory")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--params", default=str(PARAMS_FILE), help=argparse.SUPPRESS)
+    predict.set_defaults(handler=predict_command)
+    return parser
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The --flags of `vitflow run` as params.yaml overrides; paths become absolute (relative to the cwd)."""
+    overrides = []
+    if args.data:
+        overrides.append(f"data.path={Path(args.data).resolve()}")
+    if args.model:
+        overrides.append(f"model.source={Path(args.model).resolve() if Path(args.model).exists() else args.model}")
+    if args.strategies:
+        overrides.append(f"train.strategies=[{args.strategies}]")
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.batch_size is not None:
+        overrides.append(f"train.batch_size={args.batch_size}")
+    return overrides + args.set
+
+
+def run_command(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from flows.retrain import retrain
+    from vitflow.tracking import tracking_uri
+
+    summary = retrain(overrides=run_overrides(args), params_file=str(Path(args.params).resolve()))
+    rows = [{"strategy": item.strategy, "version": item.version,
+             "trainable_params": int(item.metrics["trainable_params"]),
+             "train_s": item.metrics["train_seconds"], "train_img/s": item.metrics["train_images_per_second"],
+             "test_accuracy": item.metrics["test_accuracy"], "test_macro_f1": item.metrics["test_macro_f1"],
+             "latency_ms": item.metrics["latency_ms_per_image"], "run_id": item.run_id}
+            for item in summary["registered"]]
+    decision = summary["decision"]
+    print()
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda value: f"{value:.4g}"))
+    print()
+    outcome = "promoted to champion" if decision.promoted else "not promoted"
+    print(f"challenger: {summary['model_name']} v{decision.challenger}, {outcome} ({decision.reason})")
+    print(f"data version: {summary['data_version']}; images skipped: {summary['skipped_images']} (see the manifest)")
+    print(f"parent run: {summary['parent_run_id']} (experiment {summary['experiment_id']})")
+    uri = tracking_uri()
+    if uri.startswith("sqlite:"):
+        print(f"compare the runs: uv run mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+    else:
+        print(f"compare the runs on the tracking server: {uri}")
+    return 0
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from vitflow.config import load_params
+    from vitflow.images import load_image, normalize
+    from vitflow.models import load_model
+    from vitflow.serving import load_logged_model
+    from vitflow.tracking import configure_mlflow
+
+    missing = [image for image in args.images if not Path(image).is_file()]
+    if missing:
+        raise VitflowError(f"{missing[0]}: no such image file")
+    if args.model and Path(args.model).is_dir():
+        model = load_model(args.model)
+    else:
+        configure_mlflow()
+        uri = args.model or f"models:/{load_params(args.params)['registry']['model_name']}@champion"
+        try:
+            model = load_logged_model(uri)
+        except Exception as error:  # MLflow raises several types for a missing model or alias
+            raise VitflowError(f"model {uri}: cannot load it ({str(error).splitlines()[0]}); "
+                               "run `vitflow run` first or pass --model") from None
+    model.eval()
+    for image_path in args.images:
+        try:
+            pixels = load_image(image_path, model.data_config)
+        except OSError as error:
+            raise VitflowError(f"{image_path}: not a readable image ({error})") from None
+        with torch.no_grad():
+            probabilities = model(normalize(pixels[None], model.data_config)).softmax(1)[0]
+        top = probabilities.topk(min(args.top_k, len(model.labels)))
+        print(image_path)
+        for score, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            print(f"  {model.labels[index]:<24} {score:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

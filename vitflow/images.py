@@ -1,0 +1,67 @@
+"""Image decoding and preparation shared by training, evaluation and serving.
+
+Any image file becomes 8-bit RGB, resized and center-cropped as the model's `DataConfig`
+says (uint8 [3, S, S]); `normalize` applies the model's own mean and std.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+from vitflow.models import DataConfig
+
+RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+              "bicubic": Image.Resampling.BICUBIC}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image (grayscale, palette, RGBA, CMYK, 16-bit, EXIF-rotated) as 8-bit RGB."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = pixels.min(), pixels.max()
+        scaled = (pixels - low) / (high - low) * 255 if high > low else np.zeros_like(pixels)
+        image = Image.fromarray(scaled.astype(np.uint8), mode="L")
+    if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def resize_and_crop(image: Image.Image, data_config: DataConfig) -> torch.Tensor:
+    """Resize the short side to `resize_size`, center-crop `image_size`; uint8 tensor [3, S, S]."""
+    width, height = image.size
+    scale = data_config.resize_size / min(width, height)
+    new_size = (max(data_config.image_size, round(width * scale)), max(data_config.image_size, round(height * scale)))
+    image = image.resize(new_size, RESAMPLING[data_config.interpolation])
+    left = (new_size[0] - data_config.image_size) // 2
+    top = (new_size[1] - data_config.image_size) // 2
+    image = image.crop((left, top, left + data_config.image_size, top + data_config.image_size))
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def load_image(path: Path | str, data_config: DataConfig) -> torch.Tensor:
+    """One image file, ready for the model apart from normalisation: uint8 [3, S, S]."""
+    with Image.open(path) as image:
+        return resize_and_crop(to_rgb(image), data_config)
+
+
+def normalize(images: torch.Tensor, data_config: DataConfig) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> float32 normalised with the model's own mean and std."""
+    mean = torch.tensor(data_config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(data_config.std).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def augmentation(data_config: DataConfig, crop_scale_min: float) -> v2.Compose:
+    """Training-time augmentation on uint8 tensors: random resized crop and horizontal flip."""
+    return v2.Compose([
+        v2.RandomResizedCrop(data_config.image_size, scale=(crop_scale_min, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+    ])

@@ -1,0 +1,52 @@
+"""Where runs and models are recorded: MLflow's store, and the git state of the code.
+
+By default MLflow writes to a SQLite store under `mlruns/` (artifacts beside it), so no
+server is needed; set `MLFLOW_TRACKING_URI` to use a tracking server instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from vitflow import PROJECT_ROOT
+
+MLRUNS_DIR = PROJECT_ROOT / "mlruns"
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set, else the project's SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS_DIR / 'mlflow.db'}"
+
+
+def configure_mlflow() -> MlflowClient:
+    """Point MLflow's tracking and registry at `tracking_uri()` and return a client for it."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        MLRUNS_DIR.mkdir(exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created on first use (artifacts under mlruns/artifacts when local)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (MLRUNS_DIR / "artifacts").as_uri() if tracking_uri().startswith("sqlite:") else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_state() -> dict[str, str]:
+    """The commit the code runs from and whether the working tree has uncommitted changes."""
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
