@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -64,11 +65,25 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
     return overrides + args.set
 
 
+class _HideUserErrorTracebacks(logging.Filter):
+    """Bad input is reported once, in one line, by `main`: drop Prefect's traceback for it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], VitflowError):
+            record.exc_info = None
+        return True
+
+
 def run_command(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from flows.retrain import retrain
     from vitflow.tracking import tracking_uri
+
+    prefect_loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                       if name.startswith("prefect")]
+    for handler in {handler for logger in prefect_loggers for handler in logger.handlers}:
+        handler.addFilter(_HideUserErrorTracebacks())
 
     summary = retrain(overrides=run_overrides(args), params_file=str(Path(args.params).resolve()))
     rows = [{"strategy": item.strategy, "version": item.version,

@@ -174,8 +174,12 @@ def _resolve_backend(source: str) -> tuple[str, str]:
 
 def _load_hf(name: str, labels: list[str] | None, source: str, image_size: int | None,
              trust_remote_code: bool) -> ImageClassifier:
+    import transformers
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+    # The new head's size mismatch is expected (ignore_mismatched_sizes); keep the load quiet.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     sidecar = Path(name) / SIDECAR
     saved = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
