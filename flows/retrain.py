@@ -21,7 +21,7 @@ from tasks.train import TrainSettings, fine_tune_task, output_dir
 from vitflow import PROJECT_ROOT, WORK_DIR
 from vitflow.config import PARAMS_FILE, load_params
 from vitflow.models import DataConfig, load_model
-from vitflow.tracking import git_state
+from vitflow.tracking import git_state, run_fingerprint
 
 
 def resolve_path(path: str) -> Path:
@@ -44,8 +44,12 @@ def inspect_model_task(model_source: str, labels: list[str], image_size: int | N
 
 
 @flow(name="retrain")
-def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FILE)) -> dict:
-    """Run the whole pipeline with params.yaml plus `overrides`; returns a summary for the CLI."""
+def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FILE), force: bool = False) -> dict:
+    """Run the whole pipeline with params.yaml plus `overrides`; returns a summary for the CLI.
+
+    When the data version, params and code match the last finished run, it records that there
+    was nothing to do and trains nothing, unless `force`.
+    """
     params = load_params(params_file, overrides)
     data_params, train_params = params["data"], params["train"]
     model_source = resolve_model_source(params)
@@ -54,6 +58,18 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
     data_dir = str(resolve_path(data_params["path"]))
 
     data_version = version_data_task(data_dir)
+    tags = {"data_version": data_version.hash, "data_dirty": str(data_version.dirty).lower(),
+            "data_tracked": str(data_version.tracked).lower(), "model_source": params["model"]["source"],
+            **git_state()}
+    tags["mlflow.source.git.commit"] = tags["git_commit"]
+    model_short = Path(params["model"]["source"].rstrip("/")).name
+    tracking = start_tracking_task(params["mlflow"]["experiment"], f"retrain-{model_short}-{data_version.short}",
+                                   params, tags, run_fingerprint(data_version.hash, params), force)
+    experiment_id, parent_run_id = tracking.experiment_id, tracking.parent_run_id
+    if tracking.same_as_run:
+        return {"nothing_to_do": True, "same_as_run": tracking.same_as_run, "parent_run_id": parent_run_id,
+                "experiment_id": experiment_id, "data_version": data_version.hash}
+
     manifest_csv = str(WORK_DIR / "manifests" / f"{data_version.short}.csv")
     manifest = build_manifest_task(data_dir, data_params["val_fraction"], data_params["test_fraction"],
                                    data_params["seed"], manifest_csv)
@@ -63,14 +79,6 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
     data_config = inspect_model_task(model_source, labels, image_size, trust_remote_code)
     cache_file = preprocess_task(manifest, data_dir, data_version.hash, data_config, labels,
                                  str(WORK_DIR / "cache"))
-
-    tags = {"data_version": data_version.hash, "data_dirty": str(data_version.dirty).lower(),
-            "data_tracked": str(data_version.tracked).lower(), "model_source": params["model"]["source"],
-            **git_state()}
-    tags["mlflow.source.git.commit"] = tags["git_commit"]
-    model_short = Path(params["model"]["source"].rstrip("/")).name
-    experiment_id, parent_run_id = start_tracking_task(params["mlflow"]["experiment"],
-                                                       f"retrain-{model_short}-{data_version.short}", params, tags)
 
     settings = TrainSettings.from_params(params)
     registered = []
@@ -88,6 +96,6 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
                             params["registry"]["metric"], params["registry"]["min_improvement"], data_version.hash,
                             cache_file, params["evaluate"]["batch_size"], str(WORK_DIR))
     skipped = int((manifest["status"] != "ok").sum())
-    return {"parent_run_id": parent_run_id, "experiment_id": experiment_id, "data_version": data_version.hash,
-            "registered": registered, "decision": decision, "skipped_images": skipped,
-            "model_name": params["registry"]["model_name"]}
+    return {"nothing_to_do": False, "parent_run_id": parent_run_id, "experiment_id": experiment_id,
+            "data_version": data_version.hash, "registered": registered, "decision": decision,
+            "skipped_images": skipped, "model_name": params["registry"]["model_name"]}

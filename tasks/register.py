@@ -21,7 +21,7 @@ from tasks.evaluate import EvalResult
 from tasks.train import TrainResult
 from vitflow import PROJECT_ROOT
 from vitflow.serving import SIGNATURE, load_logged_model
-from vitflow.tracking import configure_mlflow
+from vitflow.tracking import configure_mlflow, ensure_experiment
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "transformers", "safetensors", "pillow", "numpy", "pandas")
@@ -147,14 +147,35 @@ def promote(client: MlflowClient, model_name: str, candidates: list[RegisteredVe
                              promoted=promoted, reason=reason)
 
 
-@task(name="start-tracking")
-def start_tracking_task(experiment: str, run_name: str, params: dict, tags: dict[str, str]) -> tuple[str, str]:
-    """Create the parent run; returns (experiment_id, parent_run_id)."""
-    from vitflow.tracking import ensure_experiment
+def find_finished_run(client: MlflowClient, experiment_id: str, fingerprint: str) -> str | None:
+    """The latest finished flow run with this fingerprint (same data, params and code), or None."""
+    runs = client.search_runs([experiment_id], f"tags.run_fingerprint = '{fingerprint}' and "
+                              "attributes.status = 'FINISHED'", max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
 
+
+@dataclass
+class TrackingStart:
+    experiment_id: str
+    parent_run_id: str
+    same_as_run: str | None  # set when an earlier finished run had the same data, params and code
+
+
+@task(name="start-tracking")
+def start_tracking_task(experiment: str, run_name: str, params: dict, tags: dict[str, str], fingerprint: str,
+                        force: bool) -> TrackingStart:
+    """Create the parent run, or, when nothing changed since a finished run and not `force`,
+    a finished run that records there was nothing to do. Only parent runs carry `run_fingerprint`."""
     client = configure_mlflow()
     experiment_id = ensure_experiment(client, experiment)
-    return experiment_id, start_parent_run(client, experiment_id, run_name, params, tags)
+    previous = None if force else find_finished_run(client, experiment_id, fingerprint)
+    tags = {**tags, "run_fingerprint": fingerprint}
+    if previous is None:
+        return TrackingStart(experiment_id, start_parent_run(client, experiment_id, run_name, params, tags), None)
+    run = client.create_run(experiment_id, run_name=f"{run_name}-nothing-to-do",
+                            tags={**tags, "nothing_to_do": "true", "same_as_run": previous})
+    client.set_terminated(run.info.run_id)
+    return TrackingStart(experiment_id, run.info.run_id, previous)
 
 
 @task(name="log-and-register")

@@ -22,10 +22,10 @@ from prefect.context import TaskRunContext
 from tqdm import tqdm
 
 from tasks.preprocess import SplitTensors, load_split
-from vitflow import PROJECT_ROOT
 from vitflow.errors import VitflowError
 from vitflow.images import augmentation, normalize
 from vitflow.models import ImageClassifier, count_parameters, load_model
+from vitflow.tracking import source_hash
 
 STRATEGIES = ("full", "partial", "feature_extraction")
 RESULT_FILE = "result.json"
@@ -215,10 +215,7 @@ def output_dir(work_dir: Path | str, cache_file: str, model_source: str, image_s
 
 def code_version() -> str:
     """Hash of the source files that decide what training produces (part of the cache key)."""
-    digest = hashlib.sha256()
-    for path in ("vitflow/models.py", "vitflow/images.py", "tasks/preprocess.py", "tasks/train.py"):
-        digest.update((PROJECT_ROOT / path).read_bytes())
-    return digest.hexdigest()[:12]
+    return source_hash(["vitflow/models.py", "vitflow/images.py", "tasks/preprocess.py", "tasks/train.py"])
 
 
 def _training_cache_key(context: TaskRunContext, parameters: dict) -> str:

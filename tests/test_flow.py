@@ -64,8 +64,14 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides):
     assert "does not beat the champion" in client.get_model_version(
         MODEL_NAME, second["decision"].challenger).tags["decision_reason"]
 
-    # Re-running the first configuration reuses the finished trainings instead of training again.
-    third = retrain(overrides=base_overrides)
+    # Nothing changed since the first run: it records that and trains nothing.
+    unchanged = retrain(overrides=base_overrides)
+    assert unchanged["nothing_to_do"] and unchanged["same_as_run"] == first["parent_run_id"]
+    assert client.get_run(unchanged["parent_run_id"]).data.tags["nothing_to_do"] == "true"
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 6
+
+    # Forced, the first configuration reuses the finished trainings instead of training again.
+    third = retrain(overrides=base_overrides, force=True)
     seconds = {item.strategy: item.metrics["train_seconds"] for item in first["registered"]}
     assert {item.strategy: item.metrics["train_seconds"] for item in third["registered"]} == seconds
     assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 9

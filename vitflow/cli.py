@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strategies", help="comma-separated: full,partial,feature_extraction")
     run.add_argument("--epochs", type=int, help="overrides train.epochs")
     run.add_argument("--batch-size", type=int, help="overrides train.batch_size")
+    run.add_argument("--force", action="store_true", help="retrain even when data, params and code are unchanged")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any params.yaml setting, e.g. --set train.lr_head=5e-4 (repeatable)")
     run.set_defaults(handler=run_command)
@@ -85,7 +86,11 @@ def run_command(args: argparse.Namespace) -> int:
     for handler in {handler for logger in prefect_loggers for handler in logger.handlers}:
         handler.addFilter(_HideUserErrorTracebacks())
 
-    summary = retrain(overrides=run_overrides(args), params_file=str(Path(args.params).resolve()))
+    summary = retrain(overrides=run_overrides(args), params_file=str(Path(args.params).resolve()), force=args.force)
+    if summary["nothing_to_do"]:
+        print(f"nothing to do: data, params and code match finished run {summary['same_as_run']} "
+              f"(recorded as run {summary['parent_run_id']}); pass --force to retrain anyway")
+        return 0
     rows = [{"strategy": item.strategy, "version": item.version,
              "trainable_params": int(item.metrics["trainable_params"]),
              "train_s": item.metrics["train_seconds"], "train_img/s": item.metrics["train_images_per_second"],

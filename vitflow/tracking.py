@@ -6,8 +6,11 @@ server is needed; set `MLFLOW_TRACKING_URI` to use a tracking server instead.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
+from collections.abc import Iterable
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -50,3 +53,20 @@ def git_state() -> dict[str, str]:
     commit = git("rev-parse", "HEAD") or "unknown"
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def source_hash(paths: Iterable[str]) -> str:
+    """Short hash of the contents of project files (paths relative to the project root)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.encode())
+        digest.update((PROJECT_ROOT / path).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def run_fingerprint(data_version: str, params: dict) -> str:
+    """What a retraining depends on: data version, every param and the project's code."""
+    code = source_hash(str(path.relative_to(PROJECT_ROOT)) for folder in ("vitflow", "tasks", "flows")
+                       for path in (PROJECT_ROOT / folder).glob("*.py"))
+    payload = json.dumps([data_version, params, code], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
