@@ -17,6 +17,7 @@ from tasks.evaluate import evaluate_task
 from tasks.foundation import foundation_task
 from tasks.preprocess import preprocess_task
 from tasks.register import log_strategy_task, promote_task, start_tracking_task
+from tasks.rollout import rollout_task
 from tasks.train import TrainSettings, fine_tune_task, output_dir
 from vitflow import PROJECT_ROOT, WORK_DIR
 from vitflow.config import PARAMS_FILE, load_params
@@ -88,9 +89,11 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
                                  trust_remote_code)
         evaluation = evaluate_task(trained.model_dir, cache_file, str(out_dir / "evaluation"),
                                    params["evaluate"]["batch_size"], trained.history)
-        registered.append(log_strategy_task(experiment_id, parent_run_id,
-                                            f"{model_short}-{strategy}-{data_version.short}", trained, evaluation,
-                                            params, tags, manifest_csv, params["registry"]["model_name"]))
+        version = log_strategy_task(experiment_id, parent_run_id, f"{model_short}-{strategy}-{data_version.short}",
+                                    trained, evaluation, params, tags, manifest_csv, params["registry"]["model_name"])
+        rollout_task(trained.model_dir, cache_file, str(out_dir / "rollout"), version.run_id,
+                     params["explain"]["images"], params["explain"]["head_fusion"], params["explain"]["discard_ratio"])
+        registered.append(version)
 
     decision = promote_task(parent_run_id, params["registry"]["model_name"], registered,
                             params["registry"]["metric"], params["registry"]["min_improvement"], data_version.hash,

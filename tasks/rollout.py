@@ -4,12 +4,18 @@ The math works on lists of per-layer attention maps [B, H, N, N] (first layer fi
 functions get those maps out of transformers and timm ViTs for one explanation pass: they switch the
 model to eager (non-fused) attention and eval mode for that pass only and restore both afterwards,
 so training and serving keep the fast attention kernels.
+
+`rollout_grid` draws a fixed, misclassified-first choice of test images as one PNG grid;
+`rollout_task` logs it to a strategy's MLflow run and reports it as a Prefect artifact;
+`explain_image` explains a single image file (the `vitflow explain` command).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +27,18 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import TaskRunContext
 from torch import Tensor, nn
 from transformers import PreTrainedModel
+
+from tasks.evaluate import predict_logits
+from tasks.preprocess import SplitTensors, load_split
+from vitflow.errors import VitflowError
+from vitflow.images import load_image, normalize
+from vitflow.models import ImageClassifier, hf_forward_kwargs, load_model
+from vitflow.tracking import configure_mlflow
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -215,7 +231,8 @@ def _eager_attention(model: PreTrainedModel) -> Iterator[None]:
 def _run_transformers(model: PreTrainedModel, pixel_values: Tensor) -> Captured:
     """Forward a transformers ViT/DeiT/Dinov2 with eager attention and read its attention weights."""
     with _eager_attention(model):
-        outputs = model(pixel_values=pixel_values, output_attentions=True)
+        outputs = model(pixel_values=pixel_values, output_attentions=True,
+                        **hf_forward_kwargs(model, pixel_values.shape[-1]))
     attentions = list(outputs.attentions or ())
     layers = model.config.num_hidden_layers
     if len(attentions) != layers:
@@ -343,3 +360,134 @@ def save_overlay_grid(items: Sequence[dict], path: str | Path, cols: int = 4) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
     return path
+
+
+# --------------------------------------------------------------------------- grid, task and single image
+
+
+def rollout_grid(
+    model: ImageClassifier,
+    test: SplitTensors,
+    out_path: str | Path,
+    count: int = 8,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    batch_size: int = 16,
+) -> dict:
+    """Predict `test`, explain a fixed choice of `count` images and draw them as one PNG grid.
+
+    The choice: misclassified images first (up to count // 2, in path order), then correct ones (in
+    path order), topped up with more misclassified ones when there are too few correct ones.
+    Returns {"path", "images": [{"path", "true", "pred", "prob"}, ...], "misclassified",
+    "seconds_per_image"} where the time is that of the rollout pass alone.
+    """
+    if count < 1:
+        raise VitflowError(f"explain.images must be at least 1, got {count}")
+    prob, pred = (values.tolist() for values in predict_logits(model, test.images, batch_size).softmax(1).max(1))
+    true = test.labels.tolist()
+    chosen = choose_images(test.paths, [p != t for p, t in zip(pred, true, strict=True)], count)
+
+    start = time.perf_counter()
+    maps = torch.cat([
+        explain(model.model, normalize(test.images[batch], model.data_config), head_fusion, discard_ratio)[0]
+        for batch in torch.tensor(chosen).split(batch_size)
+    ])
+    seconds_per_image = (time.perf_counter() - start) / len(chosen)
+
+    images = [{"path": test.paths[i], "true": model.labels[true[i]], "pred": model.labels[pred[i]], "prob": prob[i]}
+              for i in chosen]
+    tiles = [{"image": Image.fromarray(test.images[i].permute(1, 2, 0).numpy()), "map": patch_map,
+              "true_label": image["true"], "pred_label": image["pred"], "prob": image["prob"]}
+             for i, patch_map, image in zip(chosen, maps, images, strict=True)]
+    path = save_overlay_grid(tiles, out_path)
+    return {"path": str(path), "images": images, "misclassified": sum(pred[i] != true[i] for i in chosen),
+            "seconds_per_image": seconds_per_image}
+
+
+def choose_images(paths: Sequence[str], wrong: Sequence[bool], count: int) -> list[int]:
+    """Indices of min(count, N) images: misclassified first (up to count // 2), then correct, each in path order."""
+    order = sorted(range(len(paths)), key=paths.__getitem__)
+    misclassified = [i for i in order if wrong[i]]
+    correct = [i for i in order if not wrong[i]]
+    count = min(count, len(paths))
+    take = min(len(misclassified), max(count // 2, count - len(correct)))
+    return misclassified[:take] + correct[: count - take]
+
+
+def rollout_markdown(title: str, result: dict, png_uri: str) -> str:
+    """A Markdown report of a `rollout_grid` result whose PNG lies at `png_uri`."""
+    rows = [f"| `{image['path']}` | {image['true']} | {image['pred']} | {image['prob']:.3f} |"
+            for image in result["images"]]
+    return "\n".join([
+        f"# {title}",
+        "",
+        f"{result['misclassified']} of {len(result['images'])} images misclassified "
+        f"(misclassified first). Grid: [{Path(png_uri).name}]({png_uri})",
+        "",
+        "| image | true | predicted | probability |",
+        "|---|---|---|---|",
+        *rows,
+    ])
+
+
+def artifact_key(run_name: str) -> str:
+    """A Prefect artifact key for a run: 'rollout-' and the name in lowercase letters, digits and dashes."""
+    slug = re.sub(r"[^a-z0-9]+", "-", run_name.lower()).strip("-")
+    return f"rollout-{slug}" if slug else "rollout"
+
+
+@task(name="attention-rollout")
+def rollout_task(model_dir: str, cache_file: str, out_dir: str, run_id: str, count: int, head_fusion: str,
+                 discard_ratio: float) -> dict:
+    """Draw the rollout grid for the test split, log it to MLflow run `run_id` under rollout/ and report it.
+
+    Returns the `rollout_grid` result plus "artifact_uri", where MLflow keeps the PNG.
+    """
+    result = rollout_grid(load_model(model_dir), load_split(cache_file, "test"),
+                          Path(out_dir) / "attention_rollout.png", count, head_fusion, discard_ratio)
+    client = configure_mlflow()
+    client.log_artifact(run_id, result["path"], "rollout")
+    run = client.get_run(run_id)
+    png_uri = f"{run.info.artifact_uri}/rollout/{Path(result['path']).name}"
+    if TaskRunContext.get() is not None:  # Prefect artifacts belong to a task run; `.fn()` has none
+        name = run.data.tags.get("strategy") or run.info.run_name or run_id
+        create_markdown_artifact(markdown=rollout_markdown(f"Attention rollout: {name}", result, png_uri),
+                                 key=artifact_key(name), description=f"attention rollout for MLflow run {run_id}")
+    return {**result, "artifact_uri": png_uri}
+
+
+def explain_image(
+    model: ImageClassifier,
+    image_path: str | Path,
+    out_path: str | Path,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    class_label: str | None = None,
+) -> dict:
+    """Explain one image file: write its overlay (as the model sees it) to `out_path` as PNG.
+
+    Plain attention rollout, or gradient rollout towards `class_label` when given. Returns {"path",
+    "predicted", "probability", "class"}: the predicted label and its probability, and the explained
+    label (None for plain rollout, which explains no particular class).
+    """
+    target = None
+    if class_label is not None:
+        if class_label not in model.labels:
+            raise VitflowError(f"class {class_label!r} is not a label of the model; choose one of: "
+                               f"{', '.join(model.labels)}")
+        target = model.labels.index(class_label)
+    try:
+        pixels = load_image(image_path, model.data_config)
+    except OSError as error:
+        raise VitflowError(f"{image_path}: not a readable image ({error})") from None
+    try:
+        maps, logits = explain(model.model, normalize(pixels[None], model.data_config), head_fusion, discard_ratio,
+                               target)
+    except ValueError as error:  # a bad head fusion or discard ratio, said in the message
+        raise VitflowError(f"cannot explain {image_path}: {error}") from None
+    prob, pred = (value.item() for value in logits.softmax(1)[0].max(0))
+    overlay = overlay_heatmap(Image.fromarray(pixels.permute(1, 2, 0).numpy()), maps[0])
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    overlay.save(out_path, format="png")
+    return {"path": str(out_path), "predicted": model.labels[pred], "probability": prob, "class": class_label}

@@ -55,3 +55,15 @@ def _write_image(path: Path) -> Path:
 
     Image.new("RGB", (40, 30), (120, 80, 40)).save(path)
     return path
+
+
+def test_explain_writes_an_overlay_for_one_image(tiny_hf_model, tmp_path, capsys):
+    model_dir = load_model(str(tiny_hf_model), labels=["ants", "bees", "wasps"]).save(tmp_path / "model")
+    image = _write_image(tmp_path / "x.png")
+    out = tmp_path / "overlay.png"
+    assert main(["explain", str(image), "--model", str(model_dir), "--class", "bees", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "for class bees" in printed and str(out) in printed
+    assert main(["explain", str(image), "--model", str(model_dir), "--class", "hornets"]) == 2
+    assert "hornets" in capsys.readouterr().err

@@ -41,6 +41,8 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides):
         assert {"confusion_matrix.csv", "confusion_matrix.png", "learning_curve.png",
                 "classification_report.csv", f"{first['data_version'].removeprefix('content-')[:8]}.csv"} <= artifacts
         assert run.data.tags["data_version"] == first["data_version"]
+        assert [item.path for item in client.list_artifacts(run.info.run_id, "rollout")] == [
+            "rollout/attention_rollout.png"]
 
     versions = client.search_model_versions(f"name='{MODEL_NAME}'")
     assert len(versions) == 3

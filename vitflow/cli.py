@@ -2,6 +2,7 @@
 
     vitflow run [--data DIR] [--model SOURCE] [--strategies full,partial] [--epochs N] [--set KEY=VALUE ...]
     vitflow predict IMAGE... [--model URI_OR_DIR] [--top-k 5]
+    vitflow explain IMAGE [--model URI_OR_DIR] [--head-fusion mean|max|min] [--discard RATIO] [--class LABEL]
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--params", default=str(PARAMS_FILE), help=argparse.SUPPRESS)
     predict.set_defaults(handler=predict_command)
+
+    explain = commands.add_parser("explain", help="attention-rollout heatmap over one image")
+    explain.add_argument("image", help="image file")
+    explain.add_argument("--model", help="MLflow model URI or checkpoint directory (default: the champion)")
+    explain.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean")
+    explain.add_argument("--discard", type=float, default=0.0, metavar="RATIO",
+                         help="drop this fraction of the weakest attention per layer")
+    explain.add_argument("--class", dest="class_label", metavar="LABEL",
+                         help="class-specific gradient rollout for LABEL")
+    explain.add_argument("--out", help="output PNG (default: <image name>.rollout.png in the current directory)")
+    explain.add_argument("--params", default=str(PARAMS_FILE), help=argparse.SUPPRESS)
+    explain.set_defaults(handler=explain_command)
     return parser
 
 
@@ -113,29 +126,33 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict_command(args: argparse.Namespace) -> int:
-    import torch
-
+def resolve_model(model: str | None, params_file: str):
+    """A checkpoint directory, an MLflow model URI, or (None) the registered champion, as an ImageClassifier."""
     from vitflow.config import load_params
-    from vitflow.images import load_image, normalize
     from vitflow.models import load_model
     from vitflow.serving import load_logged_model
     from vitflow.tracking import configure_mlflow
 
+    if model and Path(model).is_dir():
+        return load_model(model).eval()
+    configure_mlflow()
+    uri = model or f"models:/{load_params(params_file)['registry']['model_name']}@champion"
+    try:
+        return load_logged_model(uri).eval()
+    except Exception as error:  # MLflow raises several types for a missing model or alias
+        raise VitflowError(f"model {uri}: cannot load it ({str(error).splitlines()[0]}); "
+                           "run `vitflow run` first or pass --model") from None
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from vitflow.images import load_image, normalize
+
     missing = [image for image in args.images if not Path(image).is_file()]
     if missing:
         raise VitflowError(f"{missing[0]}: no such image file")
-    if args.model and Path(args.model).is_dir():
-        model = load_model(args.model)
-    else:
-        configure_mlflow()
-        uri = args.model or f"models:/{load_params(args.params)['registry']['model_name']}@champion"
-        try:
-            model = load_logged_model(uri)
-        except Exception as error:  # MLflow raises several types for a missing model or alias
-            raise VitflowError(f"model {uri}: cannot load it ({str(error).splitlines()[0]}); "
-                               "run `vitflow run` first or pass --model") from None
-    model.eval()
+    model = resolve_model(args.model, args.params)
     for image_path in args.images:
         try:
             pixels = load_image(image_path, model.data_config)
@@ -147,6 +164,20 @@ def predict_command(args: argparse.Namespace) -> int:
         print(image_path)
         for score, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             print(f"  {model.labels[index]:<24} {score:.4f}")
+    return 0
+
+
+def explain_command(args: argparse.Namespace) -> int:
+    from tasks.rollout import explain_image
+
+    if not Path(args.image).is_file():
+        raise VitflowError(f"{args.image}: no such image file")
+    model = resolve_model(args.model, args.params)
+    out = args.out or f"{Path(args.image).stem}.rollout.png"
+    result = explain_image(model, args.image, out, args.head_fusion, args.discard, args.class_label)
+    target = f" for class {result['class']}" if result["class"] else ""
+    print(f"predicted {result['predicted']} (p={result['probability']:.3f}); "
+          f"rollout{target} written to {result['path']}")
     return 0
 
 

@@ -59,7 +59,7 @@ class ImageClassifier(nn.Module):
         self.labels = list(labels)
         self.data_config = data_config
         self.source = source
-        self._hf_kwargs = _hf_forward_kwargs(model, data_config) if backend == "hf" else {}
+        self._hf_kwargs = hf_forward_kwargs(model, data_config.image_size) if backend == "hf" else {}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.backend == "timm":
@@ -256,13 +256,13 @@ def _hf_image_processor(data_config: DataConfig):
         image_mean=list(data_config.mean), image_std=list(data_config.std), do_convert_rgb=True)
 
 
-def _hf_forward_kwargs(model: nn.Module, data_config: DataConfig) -> dict:
-    """ViT-style models need `interpolate_pos_encoding` to run at a size other than their config's."""
+def hf_forward_kwargs(model: nn.Module, image_size: int) -> dict:
+    """ViT-style transformers models need `interpolate_pos_encoding` to run at a size other than their config's."""
     import inspect
 
     accepts = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
-    native_size = getattr(model.config, "image_size", data_config.image_size)
-    return {"interpolate_pos_encoding": True} if accepts and native_size != data_config.image_size else {}
+    native_size = getattr(model.config, "image_size", image_size)
+    return {"interpolate_pos_encoding": True} if accepts and native_size != image_size else {}
 
 
 def _first_line(error: Exception) -> str:
