@@ -17,6 +17,7 @@ from tasks.evaluate import evaluate_task
 from tasks.foundation import foundation_task
 from tasks.preprocess import preprocess_task
 from tasks.register import log_strategy_task, promote_task, start_tracking_task
+from tasks.registry_ops import publish_comparison_task
 from tasks.rollout import rollout_task
 from tasks.train import TrainSettings, fine_tune_task, output_dir
 from vitflow import PROJECT_ROOT, WORK_DIR
@@ -98,6 +99,7 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
     decision = promote_task(parent_run_id, params["registry"]["model_name"], registered,
                             params["registry"]["metric"], params["registry"]["min_improvement"], data_version.hash,
                             cache_file, params["evaluate"]["batch_size"], str(WORK_DIR))
+    publish_comparison_task(params["mlflow"]["experiment"], params["registry"]["model_name"], parent_run_id)
     skipped = int((manifest["status"] != "ok").sum())
     return {"nothing_to_do": False, "parent_run_id": parent_run_id, "experiment_id": experiment_id,
             "data_version": data_version.hash, "registered": registered, "decision": decision,

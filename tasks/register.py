@@ -9,22 +9,63 @@ the same data version by more than `registry.min_improvement`.
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
 
 from tasks.evaluate import EvalResult
+from tasks.registry_ops import CHAMPION, record_champion_change
 from tasks.train import TrainResult
-from vitflow import PROJECT_ROOT
+from vitflow import PROJECT_ROOT, WORK_DIR
+from vitflow.errors import VitflowError
 from vitflow.serving import SIGNATURE, load_logged_model
-from vitflow.tracking import configure_mlflow, ensure_experiment
+from vitflow.tracking import configure_mlflow, ensure_experiment, tracking_uri
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHALLENGER = "challenger"
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "transformers", "safetensors", "pillow", "numpy", "pandas")
+# Prefect retries of the tasks that talk to MLflow, on top of MLflow's own HTTP retries
+# (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR); only an unreachable server is retried.
+RETRY_DELAYS_SECONDS = [2, 5, 15]
+
+
+class TrackingServerUnreachable(VitflowError):
+    """The MLflow tracking server did not answer, even after retries."""
+
+
+def _is_connection_failure(error: BaseException | None) -> bool:
+    """Whether `error` or an exception it wraps is a refused, reset or timed-out connection."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextmanager
+def tracking_server_errors() -> Iterator[None]:
+    """Turn a failure to reach the tracking server into one line: what failed, where the models are, what to do."""
+    try:
+        yield
+    except Exception as error:
+        if not _is_connection_failure(error):
+            raise
+        raise TrackingServerUnreachable(
+            f"MLflow tracking server at {tracking_uri()} is unreachable (connection failed after retries); "
+            f"trained models are kept in {WORK_DIR}; run `vitflow run` again when it is back") from None
+
+
+def retry_if_unreachable(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry only when the tracking server could not be reached."""
+    return isinstance(state.result(raise_on_failure=False), TrackingServerUnreachable)
 
 
 @dataclass
@@ -136,6 +177,8 @@ def promote(client: MlflowClient, model_name: str, candidates: list[RegisteredVe
     promoted, reason = decide_promotion(best.metrics[key], champion_score, min_improvement)
     if promoted:
         client.set_registered_model_alias(model_name, CHAMPION, best.version)
+        record_champion_change(client, model_name, best.version, current.version if current else None,
+                               "retrain flow", reason)
     for candidate in candidates:
         if candidate is best:
             decision, why = ("promoted to champion" if promoted else "challenger, not promoted"), reason
@@ -161,32 +204,37 @@ class TrackingStart:
     same_as_run: str | None  # set when an earlier finished run had the same data, params and code
 
 
-@task(name="start-tracking")
+@task(name="start-tracking", retries=len(RETRY_DELAYS_SECONDS), retry_delay_seconds=RETRY_DELAYS_SECONDS,
+      retry_condition_fn=retry_if_unreachable)
 def start_tracking_task(experiment: str, run_name: str, params: dict, tags: dict[str, str], fingerprint: str,
                         force: bool) -> TrackingStart:
     """Create the parent run, or, when nothing changed since a finished run and not `force`,
     a finished run that records there was nothing to do. Only parent runs carry `run_fingerprint`."""
-    client = configure_mlflow()
-    experiment_id = ensure_experiment(client, experiment)
-    previous = None if force else find_finished_run(client, experiment_id, fingerprint)
-    tags = {**tags, "run_fingerprint": fingerprint}
-    if previous is None:
-        return TrackingStart(experiment_id, start_parent_run(client, experiment_id, run_name, params, tags), None)
-    run = client.create_run(experiment_id, run_name=f"{run_name}-nothing-to-do",
-                            tags={**tags, "nothing_to_do": "true", "same_as_run": previous})
-    client.set_terminated(run.info.run_id)
-    return TrackingStart(experiment_id, run.info.run_id, previous)
+    with tracking_server_errors():
+        client = configure_mlflow()
+        experiment_id = ensure_experiment(client, experiment)
+        previous = None if force else find_finished_run(client, experiment_id, fingerprint)
+        tags = {**tags, "run_fingerprint": fingerprint}
+        if previous is None:
+            return TrackingStart(experiment_id, start_parent_run(client, experiment_id, run_name, params, tags), None)
+        run = client.create_run(experiment_id, run_name=f"{run_name}-nothing-to-do",
+                                tags={**tags, "nothing_to_do": "true", "same_as_run": previous})
+        client.set_terminated(run.info.run_id)
+        return TrackingStart(experiment_id, run.info.run_id, previous)
 
 
-@task(name="log-and-register")
+@task(name="log-and-register", retries=len(RETRY_DELAYS_SECONDS), retry_delay_seconds=RETRY_DELAYS_SECONDS,
+      retry_condition_fn=retry_if_unreachable)
 def log_strategy_task(experiment_id: str, parent_run_id: str, run_name: str, train: TrainResult,
                       evaluation: EvalResult, params: dict, tags: dict[str, str], manifest_csv: str,
                       model_name: str) -> RegisteredVersion:
-    return log_strategy_run(configure_mlflow(), experiment_id, parent_run_id, run_name, train, evaluation, params,
-                            tags, manifest_csv, model_name)
+    with tracking_server_errors():
+        return log_strategy_run(configure_mlflow(), experiment_id, parent_run_id, run_name, train, evaluation,
+                                params, tags, manifest_csv, model_name)
 
 
-@task(name="promote")
+@task(name="promote", retries=len(RETRY_DELAYS_SECONDS), retry_delay_seconds=RETRY_DELAYS_SECONDS,
+      retry_condition_fn=retry_if_unreachable)
 def promote_task(parent_run_id: str, model_name: str, candidates: list[RegisteredVersion], metric: str,
                  min_improvement: float, data_version: str, cache_file: str, eval_batch_size: int,
                  work_dir: str) -> PromotionDecision:
@@ -202,9 +250,10 @@ def promote_task(parent_run_id: str, model_name: str, candidates: list[Registere
                                 eval_batch_size)
         return result.metrics[f"test_{metric}"]
 
-    decision = promote(client, model_name, candidates, metric, min_improvement, data_version,
-                       champion_score_on_current_test)
-    client.set_tag(parent_run_id, "promotion", f"v{decision.challenger} "
-                   f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}")
-    client.set_terminated(parent_run_id)
+    with tracking_server_errors():
+        decision = promote(client, model_name, candidates, metric, min_improvement, data_version,
+                           champion_score_on_current_test)
+        client.set_tag(parent_run_id, "promotion", f"v{decision.challenger} "
+                       f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}")
+        client.set_terminated(parent_run_id)
     return decision

@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from vitflow.cli_registry import add_registry_commands
 from vitflow.config import PARAMS_FILE
 from vitflow.errors import VitflowError
 
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", help="output PNG (default: <image name>.rollout.png in the current directory)")
     explain.add_argument("--params", default=str(PARAMS_FILE), help=argparse.SUPPRESS)
     explain.set_defaults(handler=explain_command)
+
+    add_registry_commands(commands)
     return parser
 
 
