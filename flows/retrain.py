@@ -14,9 +14,10 @@ from prefect import flow, task
 
 from tasks.data import build_manifest_task, version_data_task
 from tasks.evaluate import evaluate_task
+from tasks.export import export_task
 from tasks.foundation import foundation_task
 from tasks.preprocess import preprocess_task
-from tasks.register import log_strategy_task, promote_task, start_tracking_task
+from tasks.register import log_exports_task, log_strategy_task, promote_task, start_tracking_task
 from tasks.registry_ops import publish_comparison_task
 from tasks.rollout import rollout_task
 from tasks.train import TrainSettings, fine_tune_task, output_dir
@@ -94,6 +95,9 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
                                     trained, evaluation, params, tags, manifest_csv, params["registry"]["model_name"])
         rollout_task(trained.model_dir, cache_file, str(out_dir / "rollout"), version.run_id,
                      params["explain"]["images"], params["explain"]["head_fusion"], params["explain"]["discard_ratio"])
+        exports = export_task(trained.model_dir, cache_file, str(out_dir / "exports"), params["export"]["precisions"],
+                              params["evaluate"]["batch_size"])
+        log_exports_task(version.run_id, exports)
         registered.append(version)
 
     decision = promote_task(parent_run_id, params["registry"]["model_name"], registered,

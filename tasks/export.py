@@ -6,7 +6,7 @@ Out: one directory per precision, each with a `vitflow.json` sidecar whose "prec
   float32) and, for transformers models, so does `from_pretrained` (in the saved dtype).
 - int8: `model.onnx`, the model with every Linear layer dynamically quantised by ONNX Runtime (int8 weights,
   activations quantised per batch at run time).
-`load_exported` runs any of them; `compare_precisions` writes the record of how far one strays from FP32.
+`load_exported` runs any of them; `compare_precisions` returns the record of how far one strays from FP32.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,32 +27,23 @@ from tasks.preprocess import load_split
 from vitflow.errors import VitflowError
 from vitflow.images import normalize
 from vitflow.models import SIDECAR, DataConfig, ImageClassifier, load_model
+from vitflow.precision import (
+    DTYPES,
+    ONNX_FILE,
+    ONNX_INPUT,
+    ExportedModel,
+    Runner,
+    check_precision,
+    load_exported,
+)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ONNX_FILE = "model.onnx"
-ONNX_INPUT = "pixel_values"
 WEIGHT_SUFFIXES = (".safetensors", ".onnx")
-Runner = Callable[[torch.Tensor], torch.Tensor]  # normalised pixels float32 -> float32 logits on the CPU
 
-
-@dataclass
-class ExportedModel:
-    """An exported model ready to run: normalised pixels float32 [N, 3, S, S] -> float32 logits on the CPU."""
-
-    run: Runner
-    precision: str  # what is stored: one of PRECISIONS
-    compute: str  # how it runs, e.g. "cpu-fp32-upcast", "cuda-fp16", "cpu-bf16", "cpu-int8-onnxruntime"
-    labels: list[str]
-    data_config: DataConfig
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.run(pixels)
 
 
 def export_model(model_dir: Path | str, precision: str, out_dir: Path | str) -> Path:
     """Write a `precision` copy of the model in `model_dir` into `out_dir`; returns `out_dir`."""
-    _check_precision(precision)
+    check_precision(precision)
     out_dir = Path(out_dir)
     classifier = load_model(str(model_dir)).eval()
     if precision == "int8":
@@ -66,30 +57,6 @@ def export_model(model_dir: Path | str, precision: str, out_dir: Path | str) -> 
     return out_dir
 
 
-def load_exported(model_dir: Path | str) -> ExportedModel:
-    """Any model directory (an export, or a plain checkpoint taken as fp32), ready to run.
-
-    fp16 runs in FP16 on a GPU when there is one, else upcast to FP32 (FP16 arithmetic is slow or missing on
-    CPUs); bf16 runs in BF16 (natively on CPUs with BF16 instructions); int8 runs in ONNX Runtime on the CPU.
-    """
-    model_dir = Path(model_dir)
-    sidecar_file = model_dir / SIDECAR
-    sidecar = json.loads(sidecar_file.read_text()) if sidecar_file.is_file() else {}
-    precision = sidecar.get("precision", "fp32")
-    _check_precision(precision)
-    if precision == "int8":
-        return ExportedModel(_onnx_runner(model_dir / ONNX_FILE), precision, "cpu-int8-onnxruntime",
-                             sidecar["labels"], DataConfig.from_dict(sidecar["data_config"]))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = DTYPES[precision]
-    compute = f"{device}-{precision}"
-    if precision == "fp16" and device == "cpu":
-        dtype, compute = torch.float32, "cpu-fp32-upcast"
-    classifier = load_model(str(model_dir))
-    return ExportedModel(_torch_runner(classifier, dtype, device), precision, compute, classifier.labels,
-                         classifier.data_config)
-
-
 def compare_precisions(fp32_model_dir: Path | str, exported_dir: Path | str, precision: str,
                        images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int,
                        reference_logits: torch.Tensor | None = None) -> dict:
@@ -97,7 +64,7 @@ def compare_precisions(fp32_model_dir: Path | str, exported_dir: Path | str, pre
 
     `reference_logits`: the FP32 model's logits on these images, when already computed (else they are).
     """
-    _check_precision(precision)
+    check_precision(precision)
     exported = load_exported(exported_dir)
     if exported.precision != precision:
         raise VitflowError(f"{exported_dir}: holds a {exported.precision} export, not {precision}")
@@ -122,7 +89,7 @@ def export_and_verify(model_dir: Path | str, cache_file: Path | str, out_root: P
                       precisions: Sequence[str] = ("fp16", "bf16", "int8"), batch_size: int = 32) -> list[dict]:
     """Export `model_dir` at each precision into `out_root/<precision>`; one record each, on the test split."""
     for precision in precisions:
-        _check_precision(precision)
+        check_precision(precision)
     test = load_split(cache_file, "test")
     reference_logits = predict(load_exported(model_dir), test.images, batch_size)
     return [compare_precisions(model_dir, export_model(model_dir, precision, Path(out_root) / precision), precision,
@@ -157,11 +124,6 @@ def benchmark_latency(model: Runner, image_size: DataConfig | int,
     return {"ms_per_image": seconds_per_image * 1000, "images_per_second": 1 / seconds_per_image}
 
 
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise VitflowError(f"export precision {precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
-
-
 def _export_int8_onnx(classifier: ImageClassifier, path: Path) -> None:
     """Trace `classifier` to ONNX (batch size left free), then quantise its MatMul/Gemm (Linear) weights to int8."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -187,29 +149,6 @@ def _export_int8_onnx(classifier: ImageClassifier, path: Path) -> None:
 def _drop_preprocessing_hint(record: logging.LogRecord) -> bool:
     """ONNX Runtime's quantiser advises shape-inference pre-processing; on ViTs it brought no speed-up."""
     return not record.getMessage().startswith("Please consider to run pre-processing")
-
-
-def _onnx_runner(path: Path) -> Runner:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # one thread budget for torch and ONNX Runtime alike
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def run(pixels: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {ONNX_INPUT: pixels.float().contiguous().cpu().numpy()})[0])
-
-    return run
-
-
-def _torch_runner(classifier: ImageClassifier, dtype: torch.dtype, device: str) -> Runner:
-    model = classifier.to(device=device, dtype=dtype).eval()
-
-    @torch.inference_mode()
-    def run(pixels: torch.Tensor) -> torch.Tensor:
-        return model(pixels.to(device=device, dtype=dtype)).float().cpu()
-
-    return run
 
 
 @task(name="export")

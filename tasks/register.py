@@ -29,7 +29,8 @@ from vitflow.serving import SIGNATURE, load_logged_model
 from vitflow.tracking import configure_mlflow, ensure_experiment, tracking_uri
 
 CHALLENGER = "challenger"
-SERVING_PACKAGES = ("torch", "torchvision", "timm", "transformers", "safetensors", "pillow", "numpy", "pandas")
+SERVING_PACKAGES = ("torch", "torchvision", "timm", "transformers", "safetensors", "pillow", "numpy", "pandas",
+                    "onnxruntime")
 # Prefect retries of the tasks that talk to MLflow, on top of MLflow's own HTTP retries
 # (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR); only an unreachable server is retried.
 RETRY_DELAYS_SECONDS = [2, 5, 15]
@@ -123,16 +124,46 @@ def log_strategy_run(client: MlflowClient, experiment_id: str, parent_run_id: st
         client.log_metric(run_id, key, value)
     for path in [*evaluation.artifacts, manifest_csv]:
         client.log_artifact(run_id, path)
-    with mlflow.start_run(run_id=run_id):  # log_model needs an active run in this thread
-        model_info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PROJECT_ROOT / "vitflow" / "mlflow_model.py"),
-            artifacts={"model_dir": train.model_dir}, code_paths=[str(PROJECT_ROOT / "vitflow")],
-            signature=SIGNATURE, pip_requirements=serving_requirements())
+    model_info = log_pyfunc_model(run_id, "model", train.model_dir, {"precision": "fp32"})
     version_tags = {**tags, "strategy": train.strategy, "run_id": run_id,
                     **{key: f"{metrics[key]:.6g}" for key in ("test_accuracy", "test_macro_f1")}}
     version = mlflow.register_model(model_info.model_uri, model_name, tags=version_tags)
     client.set_terminated(run_id)
     return RegisteredVersion(train.strategy, run_id, version.version, metrics)
+
+
+def log_pyfunc_model(run_id: str, name: str, model_dir: str, tags: dict[str, str]):
+    """Log the checkpoint or export in `model_dir` as an MLflow pyfunc model (from code) in run `run_id`."""
+    with mlflow.start_run(run_id=run_id):  # log_model needs an active run in this thread
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=str(PROJECT_ROOT / "vitflow" / "mlflow_model.py"),
+            artifacts={"model_dir": model_dir}, code_paths=[str(PROJECT_ROOT / "vitflow")],
+            signature=SIGNATURE, pip_requirements=serving_requirements(), tags=tags)
+
+
+def log_exports(client: MlflowClient, run_id: str, records: list[dict]) -> None:
+    """Each reduced-precision export becomes its own model `model-<precision>` in the strategy's run,
+    tagged with its precision; its agreement with FP32 is logged as metrics."""
+    for record in records:
+        precision = record["precision"]
+        for key in ("top1_agreement", "max_abs_logit_diff", "accuracy", "size_ratio_vs_fp32"):
+            client.log_metric(run_id, f"{precision}_{key}", record[key])
+        client.set_tag(run_id, f"{precision}_compute", record["compute"])
+        log_pyfunc_model(run_id, f"model-{precision}", record["path"],
+                         {"precision": precision, "compute": record["compute"],
+                          "top1_agreement": f"{record['top1_agreement']:.6g}"})
+
+
+def exported_model_uri(client: MlflowClient, run_id: str, precision: str) -> str:
+    """The `models:/<id>` URI of run `run_id`'s export at `precision`."""
+    name = "model" if precision == "fp32" else f"model-{precision}"
+    experiment_id = client.get_run(run_id).info.experiment_id
+    found = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
+                                        filter_string=f"name = '{name}' AND source_run_id = '{run_id}'")
+    if not found:
+        raise VitflowError(f"run {run_id} has no {precision} export; add it to export.precisions in params.yaml "
+                           "and run `vitflow run --force`")
+    return f"models:/{found[0].model_id}"
 
 
 def serving_requirements() -> list[str]:
@@ -231,6 +262,13 @@ def log_strategy_task(experiment_id: str, parent_run_id: str, run_name: str, tra
     with tracking_server_errors():
         return log_strategy_run(configure_mlflow(), experiment_id, parent_run_id, run_name, train, evaluation,
                                 params, tags, manifest_csv, model_name)
+
+
+@task(name="log-exports", retries=len(RETRY_DELAYS_SECONDS), retry_delay_seconds=RETRY_DELAYS_SECONDS,
+      retry_condition_fn=retry_if_unreachable)
+def log_exports_task(run_id: str, records: list[dict]) -> None:
+    with tracking_server_errors():
+        log_exports(configure_mlflow(), run_id, records)
 
 
 @task(name="promote", retries=len(RETRY_DELAYS_SECONDS), retry_delay_seconds=RETRY_DELAYS_SECONDS,

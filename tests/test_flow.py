@@ -5,6 +5,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.retrain import retrain
+from vitflow.cli import main
 from vitflow.serving import load_logged_model
 from vitflow.tracking import tracking_uri
 
@@ -20,7 +21,7 @@ def base_overrides(pneumonia_folder, tiny_hf_model):
             "mlflow.experiment=e2e"]
 
 
-def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides):
+def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumonia_folder, capsys):
     client = MlflowClient(tracking_uri(), tracking_uri())
 
     first = retrain(overrides=base_overrides)
@@ -43,6 +44,10 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides):
         assert run.data.tags["data_version"] == first["data_version"]
         assert [item.path for item in client.list_artifacts(run.info.run_id, "rollout")] == [
             "rollout/attention_rollout.png"]
+        for precision in ("fp16", "bf16", "int8"):
+            assert 0.9 <= run.data.metrics[f"{precision}_top1_agreement"] <= 1.0
+        for precision in ("fp16", "bf16"):  # int8 ONNX only pays off on real-sized models (tests/test_export.py)
+            assert run.data.metrics[f"{precision}_size_ratio_vs_fp32"] == pytest.approx(0.5, abs=0.05)
 
     versions = client.search_model_versions(f"name='{MODEL_NAME}'")
     assert len(versions) == 3
@@ -56,6 +61,11 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides):
 
     champion = load_logged_model(f"models:/{MODEL_NAME}@champion")
     assert champion.labels == ["normal", "pneumonia"]
+    image = next((pneumonia_folder / "test" / "pneumonia").glob("*.png"))
+    for precision in ("fp32", "int8"):
+        assert main(["predict", str(image), "--model", f"models:/{MODEL_NAME}@champion", "--precision", precision,
+                     "--top-k", "1"]) == 0
+        assert capsys.readouterr().out.split()[1] in {"normal", "pneumonia"}
 
     # A worse model (nothing is learned) on the same data version must not take the champion alias.
     second = retrain(overrides=[*base_overrides, "train.lr_backbone=0", "train.lr_head=0"])

@@ -1,7 +1,7 @@
 """The `vitflow` command line.
 
     vitflow run [--data DIR] [--model SOURCE] [--strategies full,partial] [--epochs N] [--set KEY=VALUE ...]
-    vitflow predict IMAGE... [--model URI_OR_DIR] [--top-k 5]
+    vitflow predict IMAGE... [--model URI_OR_DIR] [--top-k 5] [--precision fp32|fp16|bf16|int8]
     vitflow explain IMAGE [--model URI_OR_DIR] [--head-fusion mean|max|min] [--discard RATIO] [--class LABEL]
 """
 
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--model", help="MLflow model URI (models:/NAME@ALIAS, runs:/...) or a checkpoint directory")
     predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
+                         help="run the model's export at this precision (default: fp32)")
     predict.add_argument("--params", default=str(PARAMS_FILE), help=argparse.SUPPRESS)
     predict.set_defaults(handler=predict_command)
 
@@ -147,22 +149,57 @@ def resolve_model(model: str | None, params_file: str):
                            "run `vitflow run` first or pass --model") from None
 
 
-def predict_command(args: argparse.Namespace) -> int:
-    import torch
+def resolve_runner(model: str | None, precision: str, params_file: str):
+    """Like `resolve_model`, but the model's export at `precision`, as a `vitflow.precision.ExportedModel`."""
+    from vitflow.config import load_params
+    from vitflow.precision import load_exported
 
+    if model and Path(model).is_dir():
+        runner = load_exported(model)
+        if runner.precision != precision:
+            raise VitflowError(f"{model}: holds a {runner.precision} model, not {precision}; pass --precision "
+                               f"{runner.precision}, or a registered model URI to pick one of its exports")
+        return runner
+    from tasks.register import exported_model_uri
+    from vitflow.serving import load_logged_runner
+    from vitflow.tracking import configure_mlflow
+
+    client = configure_mlflow()
+    name = load_params(params_file)["registry"]["model_name"]
+    uri = model or f"models:/{name}@champion"
+    try:
+        if precision != "fp32":
+            uri = exported_model_uri(client, _run_of(client, uri), precision)
+        return load_logged_runner(uri)
+    except VitflowError:
+        raise
+    except Exception as error:  # MLflow raises several types for a missing model or alias
+        raise VitflowError(f"model {uri}: cannot load it ({str(error).splitlines()[0]}); "
+                           "run `vitflow run` first or pass --model") from None
+
+
+def _run_of(client, uri: str) -> str:
+    """The run that logged a registered model version given as models:/NAME@ALIAS or models:/NAME/VERSION."""
+    name, _, rest = uri.removeprefix("models:/").partition("/")
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        return client.get_model_version_by_alias(name, alias).run_id
+    return client.get_model_version(name, rest).run_id
+
+
+def predict_command(args: argparse.Namespace) -> int:
     from vitflow.images import load_image, normalize
 
     missing = [image for image in args.images if not Path(image).is_file()]
     if missing:
         raise VitflowError(f"{missing[0]}: no such image file")
-    model = resolve_model(args.model, args.params)
+    model = resolve_runner(args.model, args.precision, args.params)
     for image_path in args.images:
         try:
             pixels = load_image(image_path, model.data_config)
         except OSError as error:
             raise VitflowError(f"{image_path}: not a readable image ({error})") from None
-        with torch.no_grad():
-            probabilities = model(normalize(pixels[None], model.data_config)).softmax(1)[0]
+        probabilities = model(normalize(pixels[None], model.data_config)).softmax(1)[0]
         top = probabilities.topk(min(args.top_k, len(model.labels)))
         print(image_path)
         for score, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):

@@ -2,7 +2,8 @@
 
 Input: a DataFrame with an `image` column of encoded image bytes (JPEG, PNG, ...).
 Output: a DataFrame with the top `label` and its `score` per row.
-The weights travel as safetensors in the model's `model_dir` artifact; nothing is unpickled.
+The weights travel in the model's `model_dir` artifact (safetensors, or ONNX for int8) and run at
+the precision they were exported in; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -22,21 +23,28 @@ SIGNATURE = ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
 
 class VitflowImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from vitflow.models import load_model
+        from vitflow.precision import load_exported
 
-        self.model = load_model(context.artifacts["model_dir"]).eval()
+        self.model_dir = context.artifacts["model_dir"]
+        self.model = load_exported(self.model_dir)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from vitflow.images import normalize, resize_and_crop, to_rgb
 
         images = [resize_and_crop(to_rgb(Image.open(io.BytesIO(data))), self.model.data_config)
                   for data in model_input["image"]]
-        with torch.no_grad():
-            probabilities = self.model(normalize(torch.stack(images), self.model.data_config)).softmax(1)
+        probabilities = self.model(normalize(torch.stack(images), self.model.data_config)).softmax(1)
         scores, indices = probabilities.max(1)
         return pd.DataFrame({"label": [self.model.labels[i] for i in indices.tolist()], "score": scores.tolist()})
 
 
 def load_logged_model(model_uri: str):
-    """The `ImageClassifier` inside a logged vitflow model (e.g. "models:/vitflow-classifier@champion")."""
+    """The `ImageClassifier` (FP32 torch) inside a logged vitflow model, e.g. "models:/vitflow-classifier@champion"."""
+    from vitflow.models import load_model
+
+    return load_model(mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model_dir)
+
+
+def load_logged_runner(model_uri: str):
+    """The model inside a logged vitflow model as an `ExportedModel`, running at its exported precision."""
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
