@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -22,19 +21,11 @@ os.environ["VITFLOW_WORK_DIR"] = str(SCRATCH / "work")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{SCRATCH / 'mlflow.db'}"
 
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 
+from benchmarks.machine import machine  # noqa: E402
 from flows.retrain import retrain  # noqa: E402
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {memory_gb:.0f} GiB, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
 def stage_seconds(flow_run_id) -> pd.Series:

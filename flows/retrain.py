@@ -8,21 +8,24 @@ Every step is a task in `tasks/`; this module only chains them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.data import build_manifest_task, version_data_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.foundation import foundation_task
 from tasks.preprocess import preprocess_task
-from tasks.register import log_exports_task, log_strategy_task, promote_task, start_tracking_task
+from tasks.register import RegisteredVersion, log_exports_task, log_strategy_task, promote_task, start_tracking_task
 from tasks.registry_ops import publish_comparison_task
 from tasks.rollout import rollout_task
 from tasks.train import TrainSettings, fine_tune_task, output_dir
 from vitflow import PROJECT_ROOT, WORK_DIR
 from vitflow.config import PARAMS_FILE, load_params
+from vitflow.errors import VitflowError
 from vitflow.models import DataConfig, load_model
 from vitflow.tracking import git_state, run_fingerprint
 
@@ -46,7 +49,64 @@ def inspect_model_task(model_source: str, labels: list[str], image_size: int | N
     return load_model(model_source, labels, image_size, trust_remote_code).data_config
 
 
-@flow(name="retrain")
+@dataclass(frozen=True)
+class StrategyBranch:
+    """What every strategy's branch of the flow shares."""
+
+    experiment_id: str
+    parent_run_id: str
+    run_name: str  # with a {strategy} placeholder
+    model_source: str
+    labels: list[str]
+    image_size: int | None
+    cache_file: str
+    settings: TrainSettings
+    params: dict
+    tags: dict[str, str]
+    manifest_csv: str
+
+
+@task(name="strategy")
+def strategy_task(strategy: str, branch: StrategyBranch) -> RegisteredVersion:
+    """One strategy's branch: fine-tune, evaluate, log and register, explain, export.
+
+    Strategies are independent, so the flow's task runner may run these branches concurrently
+    (threads by default, or Dask workers on other machines).
+    """
+    params = branch.params
+    out_dir = output_dir(WORK_DIR, branch.cache_file, branch.model_source, branch.image_size, branch.settings,
+                         strategy)
+    trained = fine_tune_task(branch.model_source, branch.labels, branch.image_size, branch.cache_file, strategy,
+                             branch.settings, str(out_dir), params["model"]["trust_remote_code"])
+    evaluation = evaluate_task(trained.model_dir, branch.cache_file, str(out_dir / "evaluation"),
+                               params["evaluate"]["batch_size"], trained.history)
+    version = log_strategy_task(branch.experiment_id, branch.parent_run_id, branch.run_name.format(strategy=strategy),
+                                trained, evaluation, params, branch.tags, branch.manifest_csv,
+                                params["registry"]["model_name"])
+    rollout_task(trained.model_dir, branch.cache_file, str(out_dir / "rollout"), version.run_id,
+                 params["explain"]["images"], params["explain"]["head_fusion"], params["explain"]["discard_ratio"])
+    exports = export_task(trained.model_dir, branch.cache_file, str(out_dir / "exports"),
+                          params["export"]["precisions"], params["evaluate"]["batch_size"])
+    log_exports_task(version.run_id, exports)
+    return version
+
+
+def task_runner(kind: str = "threads", workers: int = 1, dask_address: str | None = None):
+    """The task runner for the strategy branches: `threads` (in this process) or `dask`
+    (a local cluster of `workers` processes, or the scheduler at `dask_address`)."""
+    if kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
+    raise VitflowError(f"task runner {kind!r}: use threads or dask")
+
+
+@flow(name="retrain", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FILE), force: bool = False) -> dict:
     """Run the whole pipeline with params.yaml plus `overrides`; returns a summary for the CLI.
 
@@ -83,22 +143,11 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
     cache_file = preprocess_task(manifest, data_dir, data_version.hash, data_config, labels,
                                  str(WORK_DIR / "cache"))
 
-    settings = TrainSettings.from_params(params)
-    registered = []
-    for strategy in train_params["strategies"]:
-        out_dir = output_dir(WORK_DIR, cache_file, model_source, image_size, settings, strategy)
-        trained = fine_tune_task(model_source, labels, image_size, cache_file, strategy, settings, str(out_dir),
-                                 trust_remote_code)
-        evaluation = evaluate_task(trained.model_dir, cache_file, str(out_dir / "evaluation"),
-                                   params["evaluate"]["batch_size"], trained.history)
-        version = log_strategy_task(experiment_id, parent_run_id, f"{model_short}-{strategy}-{data_version.short}",
-                                    trained, evaluation, params, tags, manifest_csv, params["registry"]["model_name"])
-        rollout_task(trained.model_dir, cache_file, str(out_dir / "rollout"), version.run_id,
-                     params["explain"]["images"], params["explain"]["head_fusion"], params["explain"]["discard_ratio"])
-        exports = export_task(trained.model_dir, cache_file, str(out_dir / "exports"), params["export"]["precisions"],
-                              params["evaluate"]["batch_size"])
-        log_exports_task(version.run_id, exports)
-        registered.append(version)
+    branch = StrategyBranch(experiment_id, parent_run_id, f"{model_short}-{{strategy}}-{data_version.short}",
+                            model_source, labels, image_size, cache_file, TrainSettings.from_params(params),
+                            params, tags, manifest_csv)
+    futures = [strategy_task.submit(strategy, branch) for strategy in train_params["strategies"]]
+    registered = [future.result() for future in futures]
 
     decision = promote_task(parent_run_id, params["registry"]["model_name"], registered,
                             params["registry"]["metric"], params["registry"]["min_improvement"], data_version.hash,

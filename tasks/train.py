@@ -3,6 +3,10 @@
 In: an `ImageClassifier` with a fresh head, the preprocessed train and val splits, `TrainSettings`.
 Out: a `TrainResult` (per-epoch history, parameter counts, timings) and the fine-tuned
 model saved as one ordinary checkpoint directory.
+
+Under torchrun (`scripts/train_distributed.py`) the same `fine_tune` trains with torch distributed:
+DDP shards the end-to-end strategies' batches, feature extraction shares out the backbone pass,
+and rank 0 alone saves the model and result (see `tasks.distributed`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 from tqdm import tqdm
 
+from tasks import distributed
 from tasks.preprocess import SplitTensors, load_split
 from vitflow.errors import VitflowError
 from vitflow.images import augmentation, normalize
@@ -104,8 +109,14 @@ def warmup_cosine(total_steps: int, warmup_ratio: float):
 
 def fine_tune(model: ImageClassifier, train: SplitTensors, val: SplitTensors, strategy: str,
               settings: TrainSettings, out_dir: Path | str, progress: bool = True) -> TrainResult:
-    """Train `model` under `strategy`, save it to `out_dir/model`, and return what happened."""
+    """Train `model` under `strategy`, save it to `out_dir/model`, and return what happened.
+
+    Under torchrun: moves `model` to this rank's device and returns the same result on every rank.
+    """
     out_dir = Path(out_dir)
+    device = distributed.setup()
+    if device is not None:
+        model.to(device)
     torch.manual_seed(settings.seed)
     trainable, total = set_trainable(model, strategy, settings.partial_blocks)
     start = time.perf_counter()
@@ -116,24 +127,30 @@ def fine_tune(model: ImageClassifier, train: SplitTensors, val: SplitTensors, st
         history = _train_end_to_end(model, train, val, settings, progress)
         images_seen = len(train.labels) * settings.epochs
     seconds = time.perf_counter() - start
-    model.save(out_dir / "model")
     result = TrainResult(strategy=strategy, model_dir=str(out_dir / "model"), history=history,
                          trainable_params=trainable, total_params=total, train_seconds=round(seconds, 2),
                          images_per_second=round(images_seen / seconds, 2),
                          peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
-    result.save(out_dir / RESULT_FILE)
+    if distributed.is_main():
+        model.save(out_dir / "model")
+        result.save(out_dir / RESULT_FILE)
     return result
 
 
 def _train_end_to_end(model: ImageClassifier, train: SplitTensors, val: SplitTensors, settings: TrainSettings,
                       progress: bool) -> list[dict]:
+    """Under torchrun: DDP averages gradients, each rank trains on its share of every epoch's batches."""
+    device = next(model.parameters()).device
+    net = distributed.wrap(model)
+    if distributed.world_size() > 1:
+        torch.manual_seed(settings.seed + distributed.rank())  # each rank draws its own augmentations
     head_ids = {id(p) for p in model.head.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": [p for p in trainable if id(p) not in head_ids], "lr": settings.lr_backbone},
         {"params": [p for p in trainable if id(p) in head_ids], "lr": settings.lr_head},
     ], weight_decay=settings.weight_decay)
-    steps_per_epoch = math.ceil(len(train.labels) / settings.batch_size)
+    steps_per_epoch = math.ceil(len(train.labels) / (settings.batch_size * distributed.world_size()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps_per_epoch * settings.epochs, settings.warmup_ratio))
     augment = augmentation(model.data_config, settings.crop_scale_min) if settings.augment else None
@@ -141,25 +158,32 @@ def _train_end_to_end(model: ImageClassifier, train: SplitTensors, val: SplitTen
     for epoch in range(1, settings.epochs + 1):
         model.train()
         losses = []
-        batches = torch.randperm(len(train.labels)).split(settings.batch_size)
+        batches = distributed.shard_batches(len(train.labels), settings.batch_size, settings.seed, epoch)
         for indices in tqdm(batches, desc=f"epoch {epoch}/{settings.epochs}", disable=not progress, leave=False):
             images = train.images[indices]
             if augment is not None:
                 images = torch.stack([augment(image) for image in images])
-            loss = F.cross_entropy(model(normalize(images, model.data_config)), train.labels[indices])
+            loss = F.cross_entropy(net(normalize(images, model.data_config).to(device)),
+                                   train.labels[indices].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-        history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), **_validate(model, val, settings)})
+        history.append({"epoch": epoch, "train_loss": distributed.average(sum(losses) / len(losses), device),
+                        **_validate(model, val, settings)})
     return history
 
 
 def _train_head_on_features(model: ImageClassifier, train: SplitTensors, val: SplitTensors,
                             settings: TrainSettings, progress: bool) -> list[dict]:
-    train_features = extract_features(model, train.images, settings.batch_size, progress)
-    val_features = extract_features(model, val.images, settings.batch_size, progress)
+    """Under torchrun: each rank extracts a share of the features, then every rank trains the same head on all."""
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return extract_features(model, images, settings.batch_size, progress)
+
+    train_features = distributed.gather_rows(features, train.images)
+    val_features = distributed.gather_rows(features, val.images)
+    train_labels, val_labels = train.labels.to(train_features.device), val.labels.to(val_features.device)
     head = model.head
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr_head, weight_decay=settings.weight_decay)
     epochs = settings.feature_extraction_epochs
@@ -171,7 +195,7 @@ def _train_head_on_features(model: ImageClassifier, train: SplitTensors, val: Sp
         head.train()
         losses = []
         for indices in torch.randperm(len(train.labels)).split(settings.batch_size):
-            loss = F.cross_entropy(head(train_features[indices]), train.labels[indices])
+            loss = F.cross_entropy(head(train_features[indices]), train_labels[indices])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -181,7 +205,7 @@ def _train_head_on_features(model: ImageClassifier, train: SplitTensors, val: Sp
         with torch.no_grad():
             val_logits = head(val_features)
         history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses),
-                        **_val_metrics(val_logits, val.labels)})
+                        **_val_metrics(val_logits, val_labels)})
     return history
 
 
@@ -189,16 +213,22 @@ def _train_head_on_features(model: ImageClassifier, train: SplitTensors, val: Sp
 def extract_features(model: ImageClassifier, images: torch.Tensor, batch_size: int, progress: bool) -> torch.Tensor:
     """Backbone features for uint8 images, computed once with the backbone in eval mode."""
     model.eval()
+    device = next(model.parameters()).device
     chunks = images.split(batch_size)
-    return torch.cat([model.forward_features(normalize(chunk, model.data_config))
+    return torch.cat([model.forward_features(normalize(chunk, model.data_config).to(device))
                       for chunk in tqdm(chunks, desc="features", disable=not progress, leave=False)])
 
 
 @torch.no_grad()
 def _validate(model: ImageClassifier, val: SplitTensors, settings: TrainSettings) -> dict:
     model.eval()
-    logits = torch.cat([model(normalize(chunk, model.data_config)) for chunk in val.images.split(settings.batch_size)])
-    return _val_metrics(logits, val.labels)
+    device = next(model.parameters()).device
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model(normalize(chunk, model.data_config).to(device))
+                          for chunk in images.split(settings.batch_size)])
+
+    return _val_metrics(distributed.gather_rows(logits, val.images), val.labels.to(device))
 
 
 def _val_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -215,7 +245,8 @@ def output_dir(work_dir: Path | str, cache_file: str, model_source: str, image_s
 
 def code_version() -> str:
     """Hash of the source files that decide what training produces (part of the cache key)."""
-    return source_hash(["vitflow/models.py", "vitflow/images.py", "tasks/preprocess.py", "tasks/train.py"])
+    return source_hash(["vitflow/models.py", "vitflow/images.py", "tasks/preprocess.py", "tasks/train.py",
+                        "tasks/distributed.py"])
 
 
 def _training_cache_key(context: TaskRunContext, parameters: dict) -> str:

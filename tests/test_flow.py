@@ -87,3 +87,19 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumon
     seconds = {item.strategy: item.metrics["train_seconds"] for item in first["registered"]}
     assert {item.strategy: item.metrics["train_seconds"] for item in third["registered"]} == seconds
     assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 9
+
+
+def test_strategies_run_on_a_local_dask_cluster(base_overrides):
+    """The strategy branches go to two Dask worker processes on loopback and still log and register."""
+    from flows.retrain import task_runner
+
+    client = MlflowClient(tracking_uri(), tracking_uri())
+    overrides = [*base_overrides, "train.epochs=1", "train.feature_extraction_epochs=2", "export.precisions=[fp16]",
+                 "registry.model_name=dask-classifier", "mlflow.experiment=dask"]
+    summary = retrain.with_options(task_runner=task_runner("dask", workers=2))(overrides=overrides)
+    assert {item.strategy for item in summary["registered"]} == STRATEGIES
+    children = client.search_runs([summary["experiment_id"]],
+                                  f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    assert {run.data.tags["strategy"] for run in children} == STRATEGIES
+    assert len(client.search_model_versions("name='dask-classifier'")) == 3
+    assert client.get_model_version_by_alias("dask-classifier", "champion").version == summary["decision"].challenger

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strategies", help="comma-separated: full,partial,feature_extraction")
     run.add_argument("--epochs", type=int, help="overrides train.epochs")
     run.add_argument("--batch-size", type=int, help="overrides train.batch_size")
+    run.add_argument("--task-runner", choices=["threads", "dask"], default="threads",
+                     help="where the strategies run: threads in this process, or Dask workers")
+    run.add_argument("--workers", type=int, default=1,
+                     help="strategies run at once (threads, or local Dask worker processes); default 1")
+    run.add_argument("--dask-address", help="a Dask scheduler (tcp://HOST:PORT) to spread strategies over machines")
     run.add_argument("--force", action="store_true", help="retrain even when data, params and code are unchanged")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any params.yaml setting, e.g. --set train.lr_head=5e-4 (repeatable)")
@@ -96,7 +101,7 @@ class _HideUserErrorTracebacks(logging.Filter):
 def run_command(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from flows.retrain import retrain
+    from flows.retrain import retrain, task_runner
     from vitflow.tracking import tracking_uri
 
     prefect_loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
@@ -104,7 +109,9 @@ def run_command(args: argparse.Namespace) -> int:
     for handler in {handler for logger in prefect_loggers for handler in logger.handlers}:
         handler.addFilter(_HideUserErrorTracebacks())
 
-    summary = retrain(overrides=run_overrides(args), params_file=str(Path(args.params).resolve()), force=args.force)
+    runner = task_runner("dask" if args.dask_address else args.task_runner, args.workers, args.dask_address)
+    summary = retrain.with_options(task_runner=runner)(
+        overrides=run_overrides(args), params_file=str(Path(args.params).resolve()), force=args.force)
     if summary["nothing_to_do"]:
         print(f"nothing to do: data, params and code match finished run {summary['same_as_run']} "
               f"(recorded as run {summary['parent_run_id']}); pass --force to retrain anyway")

@@ -1,0 +1,147 @@
+"""Training under torchrun: ranks get disjoint shares of the batches, end with one model, and rank 0 alone saves."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasks.distributed import shard_batches
+from tasks.preprocess import load_split, preprocess_dataset
+from vitflow import PROJECT_ROOT
+from vitflow.images import normalize
+from vitflow.models import load_model
+
+LABELS = ["normal", "pneumonia"]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+BATCH_SIZE, WORLD_SIZE = 16, 2
+
+# Runs the entry point given as its first argument and writes, per rank, what the test checks: optimizer
+# steps, calls to ImageClassifier.save / TrainResult.save, the history and a digest of the final weights.
+RECORDER = '''
+import hashlib, json, os, runpy, sys
+from pathlib import Path
+
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+import tasks.train
+from vitflow.models import ImageClassifier
+
+record = {"steps": 0, "saves": 0}
+register_optimizer_step_post_hook(lambda *_: record.update(steps=record["steps"] + 1))
+
+
+def counted(save):
+    def wrapper(*args, **kwargs):
+        record["saves"] += 1
+        return save(*args, **kwargs)
+    return wrapper
+
+
+ImageClassifier.save = counted(ImageClassifier.save)
+tasks.train.TrainResult.save = counted(tasks.train.TrainResult.save)
+fine_tune = tasks.train.fine_tune
+
+
+def recorded_fine_tune(model, *args, **kwargs):
+    result = fine_tune(model, *args, **kwargs)
+    weights = b"".join(tensor.detach().cpu().numpy().tobytes() for tensor in model.state_dict().values())
+    record.update(weights=hashlib.sha256(weights).hexdigest(), history=result.history)
+    return result
+
+
+tasks.train.fine_tune = recorded_fine_tune
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    Path(os.environ["RANK_REPORTS"], os.environ["RANK"] + ".json").write_text(json.dumps(record))
+'''
+
+
+@pytest.fixture(scope="module")
+def cache(pneumonia_folder, tiny_hf_model, tmp_path_factory) -> Path:
+    rows = [{"path": str(path.relative_to(pneumonia_folder)), "label": path.parent.name, "split": path.parts[-3],
+             "checksum": "", "status": "ok"} for path in sorted(pneumonia_folder.rglob("*.png"))]
+    config = load_model(str(tiny_hf_model), LABELS).data_config
+    return preprocess_dataset(pd.DataFrame(rows), pneumonia_folder, config, LABELS,
+                              tmp_path_factory.mktemp("cache") / "data.safetensors", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    """DINOv2, like the default foundation model: its mask token is trainable under `full` yet never used."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2ForImageClassification
+
+    directory = tmp_path_factory.mktemp("tiny-dinov2")
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32,
+                          patch_size=8, num_labels=3)
+    Dinov2ForImageClassification(config).save_pretrained(directory)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
+                      image_std=[0.5] * 3).save_pretrained(directory)
+    return directory
+
+
+def test_batches_are_dealt_like_distributed_sampler(monkeypatch):
+    n, batch_size, world = 37, 4, 3
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    shares = []
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        batches = shard_batches(n, batch_size, seed=0, epoch=1)
+        assert len(batches) == math.ceil(n / (batch_size * world))
+        assert all(torch.equal(a, b) for a, b in zip(batches, shard_batches(n, batch_size, 0, 1), strict=True))
+        shares.append(torch.cat(batches))
+    assert [len(share) for share in shares] == [math.ceil(n / world)] * world
+    dealt = torch.cat(shares)
+    assert set(dealt.tolist()) == set(range(n)) and len(dealt) == n + 2  # two wrap round to even the shares
+    assert not torch.equal(torch.cat(shard_batches(n, batch_size, 0, 2)), shares[-1])  # a new order each epoch
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    torch.manual_seed(0)
+    single = torch.cat(shard_batches(n, batch_size, 0, 1))
+    torch.manual_seed(0)
+    assert torch.equal(single, torch.randperm(n))  # one process shuffles as it always has
+
+
+@pytest.mark.parametrize(("backbone", "unused"), [("tiny_hf_model", set()),
+                                                   ("tiny_dinov2", {"model.dinov2.embeddings.mask_token"})])
+def test_torchrun_trains_one_model_across_two_processes(backbone, unused, cache, request, tmp_path):
+    model_dir = request.getfixturevalue(backbone)
+    recorder, out, reports = tmp_path / "recorder.py", tmp_path / "out", tmp_path / "ranks"
+    recorder.write_text(RECORDER)
+    reports.mkdir()
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(WORLD_SIZE), str(recorder),
+               str(PROJECT_ROOT / "scripts" / "train_distributed.py"), "--cache", str(cache),
+               "--model", str(model_dir), "--strategy", "full", "--out", str(out),
+               "--set", "train.epochs=1", "--set", f"train.batch_size={BATCH_SIZE}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK_REPORTS": str(reports)}
+    done = subprocess.run(command, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    ranks = [json.loads((reports / f"{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    n_train = len(load_split(cache, "train").labels)
+    assert [rank["steps"] for rank in ranks] == [math.ceil(n_train / (BATCH_SIZE * WORLD_SIZE))] * WORLD_SIZE
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept the replicas in step
+    assert ranks[0]["history"] == ranks[1]["history"]  # loss averaged, validation gathered, on every rank
+    assert [rank["saves"] for rank in ranks] == [2, 0]  # the model and the result, by rank 0 only
+    assert sorted(path.name for path in out.iterdir()) == ["model", "result.json"]
+    result = json.loads((out / "result.json").read_text())
+    assert result["history"] == ranks[0]["history"] and json.loads(done.stdout)["history"] == result["history"]
+
+    trained = load_model(result["model_dir"]).eval()
+    initial = dict(load_model(str(model_dir), LABELS).named_parameters())
+    unchanged = {name for name, parameter in trained.named_parameters() if torch.equal(parameter, initial[name])}
+    assert unchanged == unused  # every parameter trained, except one the model never uses
+    val = load_split(cache, "val")
+    with torch.no_grad():
+        logits = trained(normalize(val.images, trained.data_config))
+    last = result["history"][-1]  # validated in shares gathered from the ranks: as if on one process
+    assert last["val_loss"] == pytest.approx(F.cross_entropy(logits, val.labels).item(), rel=1e-5)
+    assert last["val_accuracy"] == pytest.approx((logits.argmax(1) == val.labels).float().mean().item())
