@@ -3,6 +3,8 @@
     vitflow run [--data DIR] [--model SOURCE] [--strategies full,partial] [--epochs N] [--set KEY=VALUE ...]
     vitflow predict IMAGE... [--model URI_OR_DIR] [--top-k 5] [--precision fp32|fp16|bf16|int8]
     vitflow explain IMAGE [--model URI_OR_DIR] [--head-fusion mean|max|min] [--discard RATIO] [--class LABEL]
+    vitflow models | promote | rollback | compare      (vitflow/cli_registry.py)
+    vitflow serve --cron "0 3 * * 1" [--timezone TZ]  (vitflow/cli_ops.py)
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from vitflow.cli_ops import add_ops_commands
 from vitflow.cli_registry import add_registry_commands
 from vitflow.config import PARAMS_FILE
 from vitflow.errors import VitflowError
@@ -70,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(handler=explain_command)
 
     add_registry_commands(commands)
+    add_ops_commands(commands)
     return parser
 
 

@@ -9,6 +9,7 @@ the precision they were exported in; nothing is unpickled.
 from __future__ import annotations
 
 import io
+import sys
 
 import mlflow.pyfunc
 import pandas as pd
@@ -38,13 +39,27 @@ class VitflowImageClassifier(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"label": [self.model.labels[i] for i in indices.tolist()], "score": scores.tolist()})
 
 
+def _load_pyfunc(model_uri: str) -> VitflowImageClassifier:
+    """Load a logged vitflow model in this process, where vitflow is already importable.
+
+    MLflow prepends the model's bundled code copy to `sys.path`; processes started later
+    (Dask workers, torchrun) would then import that stale copy instead of the project, so
+    the path is put back as it was.
+    """
+    saved_path = list(sys.path)
+    try:
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    finally:
+        sys.path[:] = saved_path
+
+
 def load_logged_model(model_uri: str):
     """The `ImageClassifier` (FP32 torch) inside a logged vitflow model, e.g. "models:/vitflow-classifier@champion"."""
     from vitflow.models import load_model
 
-    return load_model(mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model_dir)
+    return load_model(_load_pyfunc(model_uri).model_dir)
 
 
 def load_logged_runner(model_uri: str):
     """The model inside a logged vitflow model as an `ExportedModel`, running at its exported precision."""
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+    return _load_pyfunc(model_uri).model

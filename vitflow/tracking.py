@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterable
+from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -29,18 +30,21 @@ def configure_mlflow() -> MlflowClient:
     """Point MLflow's tracking and registry at `tracking_uri()` and return a client for it."""
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        MLRUNS_DIR.mkdir(exist_ok=True)
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(uri, uri)
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created on first use (artifacts under mlruns/artifacts when local)."""
+    """The id of experiment `name`, created on first use (with a SQLite store, artifacts go beside the database)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    location = (MLRUNS_DIR / "artifacts").as_uri() if tracking_uri().startswith("sqlite:") else None
+    uri = tracking_uri()
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 
