@@ -141,7 +141,8 @@ def _export_int8_onnx(classifier: ImageClassifier, path: Path) -> None:
         root_logger = logging.getLogger()
         root_logger.addFilter(_drop_preprocessing_hint)
         try:
-            quantize_dynamic(fp32_path, path, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+            quantize_dynamic(fp32_path, path, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
+                             per_channel=True)
         finally:
             root_logger.removeFilter(_drop_preprocessing_hint)
 
