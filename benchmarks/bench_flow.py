@@ -1,6 +1,6 @@
 """Benchmark the default `retrain` flow and print tables for the README.
 
-    uv run python benchmarks/bench_flow.py [--set KEY=VALUE ...]
+    uv run python -m benchmarks.bench_flow [--set KEY=VALUE ...]
 
 Runs the flow twice in a fresh work directory and MLflow store (the project's own stay
 untouched): a cold run, then a forced re-run on unchanged data that reuses the preprocessing

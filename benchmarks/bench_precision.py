@@ -1,6 +1,6 @@
 """Benchmark reduced-precision exports and attention rollout, and print tables for the README.
 
-    uv run python benchmarks/bench_precision.py [--model-dir DIR] [--cache FILE]
+    uv run python -m benchmarks.bench_precision [--model-dir DIR] [--cache FILE]
 
 Defaults: the local registry's champion and the newest preprocessed cache in .vitflow/cache.
 For each precision: latency per image at batch 1, throughput at batch 32, size on disk, test
