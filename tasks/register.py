@@ -222,10 +222,13 @@ def promote(client: MlflowClient, model_name: str, candidates: list[RegisteredVe
 
 
 def find_finished_run(client: MlflowClient, experiment_id: str, fingerprint: str) -> str | None:
-    """The latest finished flow run with this fingerprint (same data, params and code), or None."""
+    """The flow run that trained with this fingerprint (same data, params and code) and finished, or None.
+
+    A nothing-to-do run points at the run it matched, so a chain of them still names the one that trained.
+    """
     runs = client.search_runs([experiment_id], f"tags.run_fingerprint = '{fingerprint}' and "
                               "attributes.status = 'FINISHED'", max_results=1, order_by=["attributes.start_time DESC"])
-    return runs[0].info.run_id if runs else None
+    return runs[0].data.tags.get("same_as_run", runs[0].info.run_id) if runs else None
 
 
 @dataclass

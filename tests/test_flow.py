@@ -80,6 +80,7 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumon
     unchanged = retrain(overrides=base_overrides)
     assert unchanged["nothing_to_do"] and unchanged["same_as_run"] == first["parent_run_id"]
     assert client.get_run(unchanged["parent_run_id"]).data.tags["nothing_to_do"] == "true"
+    assert retrain(overrides=base_overrides)["same_as_run"] == first["parent_run_id"]  # not the nothing-to-do run
     assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 6
 
     # Forced, the first configuration reuses the finished trainings instead of training again.
