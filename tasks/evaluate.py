@@ -15,7 +15,6 @@ import matplotlib
 import pandas as pd
 import torch
 from prefect import task
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from tasks.preprocess import SplitTensors, load_split
 from vitflow.images import normalize
@@ -55,6 +54,9 @@ def latency_ms_per_image(model: ImageClassifier, images: torch.Tensor, samples: 
 def evaluate_model(model: ImageClassifier, test: SplitTensors, out_dir: Path | str, batch_size: int,
                    history: list[dict] | None = None) -> EvalResult:
     """Score `model` on `test`; write the report files into `out_dir`."""
+    # imported here: scikit-learn takes seconds to import, and a flow with nothing to do never evaluates
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predicted = predict_logits(model, test.images, batch_size).argmax(1).numpy()

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import v2
 
 from vitflow.models import DataConfig
 
@@ -59,8 +58,10 @@ def normalize(images: torch.Tensor, data_config: DataConfig) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def augmentation(data_config: DataConfig, crop_scale_min: float) -> v2.Compose:
+def augmentation(data_config: DataConfig, crop_scale_min: float) -> torch.nn.Module:
     """Training-time augmentation on uint8 tensors: random resized crop and horizontal flip."""
+    from torchvision.transforms import v2  # imported here: torchvision takes seconds to import
+
     return v2.Compose([
         v2.RandomResizedCrop(data_config.image_size, scale=(crop_scale_min, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
