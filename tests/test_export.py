@@ -131,9 +131,12 @@ def test_int8_export_quantises_every_linear_layer(wide_model, tmp_path):
     linears = [m for m in load_model(str(wide_model)).modules() if isinstance(m, nn.Linear)]
     ops = Counter(node.op_type for node in graph.node)
     assert ops["MatMulInteger"] == len(linears) and ops["DynamicQuantizeLinear"] > 0
-    int8_values = sum(onnx.numpy_helper.to_array(t).size for t in graph.initializer
-                      if t.data_type == onnx.TensorProto.INT8 and t.dims)  # weights, not zero points
+    int8_values = sum(onnx.numpy_helper.to_array(t).size for t in graph.initializer  # weights, not zero points
+                      if t.data_type == onnx.TensorProto.INT8 and not t.name.endswith("zero_point"))
     assert int8_values == sum(m.weight.numel() for m in linears)
+    weight_scales = sum(onnx.numpy_helper.to_array(t).size for t in graph.initializer
+                        if t.name.endswith("_scale") and t.dims)
+    assert weight_scales == sum(m.out_features for m in linears)  # one scale per output channel
     assert json.loads((out / SIDECAR).read_text())["precision"] == "int8"
     with pytest.raises(VitflowError, match="load_exported"):
         load_model(str(out))
