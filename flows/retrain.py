@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.data import build_manifest_task, version_data_task
+from tasks.data import build_manifest_task, class_labels, version_data_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.foundation import foundation_task
@@ -58,9 +58,7 @@ class StrategyBranch:
     run_name: str  # with a {strategy} placeholder
     model_source: str
     labels: list[str]
-    image_size: int | None
     cache_file: str
-    settings: TrainSettings
     params: dict
     tags: dict[str, str]
     manifest_csv: str
@@ -74,10 +72,10 @@ def strategy_task(strategy: str, branch: StrategyBranch) -> RegisteredVersion:
     (threads by default, or Dask workers on other machines).
     """
     params = branch.params
-    out_dir = output_dir(WORK_DIR, branch.cache_file, branch.model_source, branch.image_size, branch.settings,
-                         strategy)
-    trained = fine_tune_task(branch.model_source, branch.labels, branch.image_size, branch.cache_file, strategy,
-                             branch.settings, str(out_dir), params["model"]["trust_remote_code"])
+    image_size, settings = params["preprocess"]["image_size"], TrainSettings.from_params(params)
+    out_dir = output_dir(WORK_DIR, branch.cache_file, branch.model_source, image_size, settings, strategy)
+    trained = fine_tune_task(branch.model_source, branch.labels, image_size, branch.cache_file, strategy,
+                             settings, str(out_dir), params["model"]["trust_remote_code"])
     evaluation = evaluate_task(trained.model_dir, branch.cache_file, str(out_dir / "evaluation"),
                                params["evaluate"]["batch_size"], trained.history)
     version = log_strategy_task(branch.experiment_id, branch.parent_run_id, branch.run_name.format(strategy=strategy),
@@ -106,7 +104,7 @@ def task_runner(kind: str = "threads", workers: int = 1, dask_address: str | Non
     raise VitflowError(f"task runner {kind!r}: use threads or dask")
 
 
-@flow(name="retrain", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="retrain", task_runner=task_runner())
 def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FILE), force: bool = False) -> dict:
     """Run the whole pipeline with params.yaml plus `overrides`; returns a summary for the CLI.
 
@@ -136,7 +134,7 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
     manifest_csv = str(WORK_DIR / "manifests" / f"{data_version.short}.csv")
     manifest = build_manifest_task(data_dir, data_params["val_fraction"], data_params["test_fraction"],
                                    data_params["seed"], manifest_csv)
-    labels = sorted(manifest.loc[manifest["status"] == "ok", "label"].unique().tolist())
+    labels = class_labels(manifest)
     image_size = params["preprocess"]["image_size"]
     trust_remote_code = params["model"]["trust_remote_code"]
     data_config = inspect_model_task(model_source, labels, image_size, trust_remote_code)
@@ -144,8 +142,7 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
                                  str(WORK_DIR / "cache"))
 
     branch = StrategyBranch(experiment_id, parent_run_id, f"{model_short}-{{strategy}}-{data_version.short}",
-                            model_source, labels, image_size, cache_file, TrainSettings.from_params(params),
-                            params, tags, manifest_csv)
+                            model_source, labels, cache_file, params, tags, manifest_csv)
     futures = [strategy_task.submit(strategy, branch) for strategy in train_params["strategies"]]
     registered = [future.result() for future in futures]
 

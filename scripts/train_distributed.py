@@ -13,15 +13,11 @@ import json
 import sys
 from dataclasses import asdict
 
-import torch
-from safetensors import safe_open
-
 from tasks import distributed
-from tasks.preprocess import load_split
-from tasks.train import STRATEGIES, TrainSettings, fine_tune
+from tasks.preprocess import load_labels
+from tasks.train import STRATEGIES, TrainSettings, train_from_cache
 from vitflow.config import PARAMS_FILE, load_params
 from vitflow.errors import VitflowError
-from vitflow.models import load_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,14 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params, args.overrides)
-        settings = TrainSettings.from_params(params)
-        with safe_open(args.cache, framework="pt") as handle:
-            labels = json.loads(handle.metadata()["labels"])
-        torch.manual_seed(settings.seed)  # the new head's initialisation, as fine_tune_task seeds it
-        model = load_model(args.model or params["model"]["source"], labels, params["preprocess"]["image_size"],
-                           params["model"]["trust_remote_code"])
-        result = fine_tune(model, load_split(args.cache, "train"), load_split(args.cache, "val"), args.strategy,
-                           settings, args.out, progress=distributed.is_main())
+        result = train_from_cache(args.model or params["model"]["source"], load_labels(args.cache),
+                                  params["preprocess"]["image_size"], args.cache, args.strategy,
+                                  TrainSettings.from_params(params), args.out, params["model"]["trust_remote_code"],
+                                  progress=distributed.is_main())
     except VitflowError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

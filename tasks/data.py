@@ -55,8 +55,12 @@ class DataVersion:
 
     @property
     def short(self) -> str:
-        """First 8 hex characters of the hash."""
-        return self.hash.removeprefix("content-")[:8]
+        return short_hash(self.hash)
+
+
+def short_hash(data_version: str | None) -> str:
+    """The 8-character form of a data version ("content-<md5>" or "<md5>.dir"), "" when missing."""
+    return (data_version or "").removeprefix("content-")[:8]
 
 
 # ---------------------------------------------------------------- versioning
@@ -297,6 +301,11 @@ def version_data_task(data_dir: str) -> DataVersion:
     version = version_data(data_dir, PROJECT_ROOT)
     print(f"data version {version.hash} (tracked={version.tracked}, dirty={version.dirty})")
     return version
+
+
+def class_labels(manifest: pd.DataFrame) -> list[str]:
+    """The classes of a manifest's readable images, sorted: label index i is the i-th name."""
+    return sorted(manifest.loc[manifest["status"] == "ok", "label"].unique().tolist())
 
 
 @task(name="build-manifest", log_prints=True)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 
 def world_size() -> int:
@@ -61,18 +62,17 @@ def wrap(model: nn.Module) -> nn.Module:
 
 
 def shard_batches(n: int, batch_size: int, seed: int, epoch: int) -> tuple[torch.Tensor, ...]:
-    """This rank's batches of indices into `n` samples for one epoch, as DistributedSampler deals them.
+    """This rank's batches of indices into `n` samples for one epoch.
 
-    A single process shuffles with the global RNG, as always. Under torchrun every rank shuffles with
-    its own generator seeded by (seed, epoch), pads the order by wrapping round to a multiple of the
-    world size, and takes every world-th index: the ranks see disjoint shares of equal length, so they
-    take the same number of steps, ceil(n / (batch_size * world_size)).
+    A single process shuffles with the global RNG, as always. Under torchrun, torch's DistributedSampler
+    deals them: every rank shuffles with (seed, epoch), pads by wrapping round to a multiple of the world
+    size and takes every world-th index, so the ranks take the same number of steps.
     """
     if world_size() == 1:
         return torch.randperm(n).split(batch_size)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    order = order[torch.arange(math.ceil(n / world_size()) * world_size()) % n]
-    return order[rank()::world_size()].split(batch_size)
+    sampler = DistributedSampler(range(n), num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler)).split(batch_size)
 
 
 def average(value: float, device: torch.device) -> float:

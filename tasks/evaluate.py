@@ -30,6 +30,7 @@ LATENCY_SAMPLES = 16  # images timed one at a time for the per-image latency
 class EvalResult:
     metrics: dict[str, float]  # test_accuracy, test_macro_f1, test_precision_<label>, ..., latency_ms_per_image
     artifacts: list[str]  # files to log with the run
+    predicted: list[int]  # the predicted label index of each test image, in the split's order
 
 
 @torch.no_grad()
@@ -83,7 +84,7 @@ def evaluate_model(model: ImageClassifier, test: SplitTensors, out_dir: Path | s
     if history:
         plot_learning_curve(history, out_dir / "learning_curve.png")
         artifacts.append(out_dir / "learning_curve.png")
-    return EvalResult(metrics=metrics, artifacts=[str(path) for path in artifacts])
+    return EvalResult(metrics=metrics, artifacts=[str(path) for path in artifacts], predicted=predicted.tolist())
 
 
 def plot_confusion_matrix(matrix: pd.DataFrame, path: Path) -> None:

@@ -9,7 +9,7 @@
 included, are relative to the working directory: DVC runs every stage from the repository root.
 Everything is written under `pipeline/`:
 
-    prepared/        manifest.csv, data.safetensors (every split preprocessed for the model), labels.json
+    prepared/        manifest.csv, data.safetensors (every split preprocessed for the model, labels in its metadata)
     models/S/        the fine-tuned model (model/) and result.json
     evaluation/S/    evaluate_model's report files
     exports/S/       one directory per precision
@@ -32,7 +32,6 @@ from vitflow.errors import VitflowError
 PIPELINE = Path("pipeline")
 PREPARED = PIPELINE / "prepared"
 CACHE_FILE = PREPARED / "data.safetensors"
-LABELS_FILE = PREPARED / "labels.json"
 METRICS = PIPELINE / "metrics"
 PLOTS = PIPELINE / "plots"
 
@@ -48,8 +47,8 @@ def model_root(strategy: str) -> Path:
 
 
 def prepare(params: dict) -> None:
-    """In: params (data.*, model.*, preprocess.image_size). Out: pipeline/prepared/ (manifest, tensors, labels)."""
-    from tasks.data import build_manifest
+    """In: params (data.*, model.*, preprocess.image_size). Out: pipeline/prepared/ (manifest, tensors)."""
+    from tasks.data import build_manifest, class_labels
     from tasks.preprocess import preprocess_dataset
     from vitflow.models import load_model
 
@@ -57,28 +56,22 @@ def prepare(params: dict) -> None:
     manifest = build_manifest(data["path"], data["val_fraction"], data["test_fraction"], data["seed"])
     PREPARED.mkdir(parents=True, exist_ok=True)
     manifest.to_csv(PREPARED / "manifest.csv", index=False)
-    labels = sorted(manifest.loc[manifest["status"] == "ok", "label"].unique().tolist())
+    labels = class_labels(manifest)
     data_config = load_model(model["source"], labels, params["preprocess"]["image_size"],
                              model["trust_remote_code"]).data_config
     preprocess_dataset(manifest, data["path"], data_config, labels, CACHE_FILE, progress=False)
-    write_json(LABELS_FILE, labels)
 
 
 def train(params: dict, strategy: str) -> None:
     """In: params (model.*, preprocess.*, train.*) and pipeline/prepared/. Out: the model, its metrics and curve."""
     import pandas as pd
-    import torch
 
-    from tasks.preprocess import load_split
-    from tasks.train import TrainSettings, fine_tune
-    from vitflow.models import load_model
+    from tasks.preprocess import load_labels
+    from tasks.train import TrainSettings, train_from_cache
 
-    settings = TrainSettings.from_params(params)
-    torch.manual_seed(settings.seed)  # the new head's initialisation, as in `fine_tune_task`
-    model = load_model(params["model"]["source"], json.loads(LABELS_FILE.read_text()),
-                       params["preprocess"]["image_size"], params["model"]["trust_remote_code"])
-    result = fine_tune(model, load_split(CACHE_FILE, "train"), load_split(CACHE_FILE, "val"), strategy, settings,
-                       model_root(strategy), progress=False)
+    result = train_from_cache(params["model"]["source"], load_labels(CACHE_FILE), params["preprocess"]["image_size"],
+                              CACHE_FILE, strategy, TrainSettings.from_params(params), model_root(strategy),
+                              params["model"]["trust_remote_code"], progress=False)
     write_json(METRICS / f"train-{strategy}.json",
                {"train_seconds": result.train_seconds, "trainable_params": result.trainable_params,
                 "total_params": result.total_params, "val_accuracy": result.history[-1]["val_accuracy"],
@@ -92,20 +85,18 @@ def evaluate(params: dict, strategy: str) -> None:
     """In: params (evaluate.batch_size), the trained model and the test split. Out: report, metrics, predictions."""
     import pandas as pd
 
-    from tasks.evaluate import evaluate_model, predict_logits
+    from tasks.evaluate import evaluate_model
     from tasks.preprocess import load_split
     from tasks.train import RESULT_FILE
     from vitflow.models import load_model
 
     model = load_model(str(model_root(strategy) / "model"))
     test = load_split(CACHE_FILE, "test")
-    batch_size = params["evaluate"]["batch_size"]
     history = json.loads((model_root(strategy) / RESULT_FILE).read_text())["history"]
-    result = evaluate_model(model, test, PIPELINE / "evaluation" / strategy, batch_size, history)
+    result = evaluate_model(model, test, PIPELINE / "evaluation" / strategy, params["evaluate"]["batch_size"], history)
     write_json(METRICS / f"eval-{strategy}.json", result.metrics)
-    predicted = predict_logits(model, test.images, batch_size).argmax(1).tolist()
     predictions = pd.DataFrame({"path": test.paths, "actual": [model.labels[i] for i in test.labels.tolist()],
-                                "predicted": [model.labels[i] for i in predicted]})
+                                "predicted": [model.labels[i] for i in result.predicted]})
     predictions.to_csv(PLOTS / f"predictions-{strategy}.csv", index=False)
 
 

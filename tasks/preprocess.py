@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 from prefect import task
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from tasks.data import SPLITS
@@ -75,15 +76,18 @@ def preprocess_dataset(manifest: pd.DataFrame, data_dir: Path | str, data_config
 
 
 def load_split(cache_file: Path | str, split: str) -> SplitTensors:
-    """One split from a preprocessed cache file."""
-    from safetensors import safe_open
-
+    """One split from a preprocessed cache file (only that split is read)."""
     with safe_open(str(cache_file), framework="pt") as handle:
         paths = json.loads(handle.metadata()["paths"])
-    if split not in paths:
-        raise VitflowError(f"{cache_file}: the data has no {split!r} split; check data.* fractions in params.yaml")
-    tensors = load_file(str(cache_file))
-    return SplitTensors(tensors[f"{split}.images"], tensors[f"{split}.labels"], paths[split])
+        if split not in paths:
+            raise VitflowError(f"{cache_file}: the data has no {split!r} split; check data.* fractions in params.yaml")
+        return SplitTensors(handle.get_tensor(f"{split}.images"), handle.get_tensor(f"{split}.labels"), paths[split])
+
+
+def load_labels(cache_file: Path | str) -> list[str]:
+    """The class names of a preprocessed cache file, in label-index order."""
+    with safe_open(str(cache_file), framework="pt") as handle:
+        return json.loads(handle.metadata()["labels"])
 
 
 @task(name="preprocess")

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import mlflow
 import requests
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
 
 from tasks.evaluate import EvalResult
-from tasks.registry_ops import CHAMPION, record_champion_change
+from tasks.registry_ops import champion_version, promote_version
 from tasks.train import TrainResult
 from vitflow import PROJECT_ROOT, WORK_DIR
 from vitflow.errors import VitflowError
@@ -180,14 +179,6 @@ def decide_promotion(challenger_score: float, champion_score: float | None, min_
     return False, f"does not beat the champion: {challenger_score:.4f} <= {champion_score:.4f} + {min_improvement}"
 
 
-def champion_version(client: MlflowClient, model_name: str):
-    """The version holding `champion`, or None."""
-    try:
-        return client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
-        return None
-
-
 def promote(client: MlflowClient, model_name: str, candidates: list[RegisteredVersion], metric: str,
             min_improvement: float, data_version: str, champion_score_on_current_test) -> PromotionDecision:
     """Give the best candidate `challenger`, and `champion` when `decide_promotion` says so.
@@ -207,9 +198,8 @@ def promote(client: MlflowClient, model_name: str, candidates: list[RegisteredVe
             champion_score = champion_score_on_current_test(current)
     promoted, reason = decide_promotion(best.metrics[key], champion_score, min_improvement)
     if promoted:
-        client.set_registered_model_alias(model_name, CHAMPION, best.version)
-        record_champion_change(client, model_name, best.version, current.version if current else None,
-                               "retrain flow", reason)
+        # force: the score comparison above already covers a champion from another data version
+        promote_version(client, model_name, best.version, reason, "retrain flow", force=True)
     for candidate in candidates:
         if candidate is best:
             decision, why = ("promoted to champion" if promoted else "challenger, not promoted"), reason

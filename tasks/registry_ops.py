@@ -23,6 +23,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
 
+from tasks.data import short_hash
+from vitflow.cli_registry import FORMATS
 from vitflow.errors import VitflowError
 
 CHAMPION = "champion"
@@ -33,14 +35,8 @@ HISTORY_MAX_CHARS = 5000
 HISTORY_REASON_CHARS = 200  # the full reason goes on the version's `promotion_reason` tag
 RUN_PARAMS = ("epochs", "lr_backbone", "lr_head", "batch_size", "partial_blocks")  # under `train.`
 RUN_METRICS = ("test_accuracy", "test_macro_f1", "train_seconds", "latency_ms_per_image", "trainable_params")
-FORMATS = ("table", "csv", "md", "html")
 MARKERS = "osD^v<>pPX"  # one per strategy in the plot, with a colour each
 ARTIFACT_KEY = "strategy-comparison"
-
-
-def short_data_version(data_version: str | None) -> str:
-    """The 8-character form of a data version tag ("content-<md5>" or "<md5>.dir"), "" when missing."""
-    return (data_version or "").removeprefix("content-")[:8]
 
 
 def registered_model(client: MlflowClient, model_name: str):
@@ -65,8 +61,20 @@ def model_version(client: MlflowClient, model_name: str, version: str | int) -> 
 
 def champion_number(client: MlflowClient, model_name: str) -> str | None:
     """The version number holding `champion`, as a string, or None."""
-    aliases = client.get_registered_model(model_name).aliases  # {alias: version number}
+    return _champion_of(client.get_registered_model(model_name))
+
+
+def _champion_of(model) -> str | None:
+    aliases = model.aliases  # {alias: version number}
     return str(aliases[CHAMPION]) if CHAMPION in aliases else None
+
+
+def champion_version(client: MlflowClient, model_name: str) -> ModelVersion | None:
+    """The version holding `champion`, or None."""
+    try:
+        return client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
 
 
 def list_versions(client: MlflowClient, model_name: str) -> pd.DataFrame:
@@ -78,7 +86,7 @@ def list_versions(client: MlflowClient, model_name: str) -> pd.DataFrame:
     rows = [{"version": int(version.version),
              "aliases": ",".join(sorted(aliases_by_version.get(str(version.version), []))),
              "strategy": version.tags.get("strategy", ""),
-             "data_version": short_data_version(version.tags.get("data_version")),
+             "data_version": short_hash(version.tags.get("data_version")),
              "test_accuracy": version.tags.get("test_accuracy"), "test_macro_f1": version.tags.get("test_macro_f1"),
              "decision": version.tags.get("decision", ""),
              "created": pd.Timestamp(version.creation_timestamp, unit="ms", tz="UTC"),
@@ -94,7 +102,11 @@ def list_versions(client: MlflowClient, model_name: str) -> pd.DataFrame:
 
 def read_history(client: MlflowClient, model_name: str) -> list[dict]:
     """The champion moves recorded on the registered model, oldest first ([] when none)."""
-    text = registered_model(client, model_name).tags.get(HISTORY_TAG)
+    return _history_of(registered_model(client, model_name))
+
+
+def _history_of(model) -> list[dict]:
+    text = model.tags.get(HISTORY_TAG)
     if not text:
         return []
     try:
@@ -102,7 +114,7 @@ def read_history(client: MlflowClient, model_name: str) -> list[dict]:
     except json.JSONDecodeError:
         history = None
     if not isinstance(history, list):
-        raise VitflowError(f"registered model {model_name}: tag {HISTORY_TAG} is not a JSON list; "
+        raise VitflowError(f"registered model {model.name}: tag {HISTORY_TAG} is not a JSON list; "
                            "fix or delete the tag in the MLflow UI")
     return history
 
@@ -133,16 +145,6 @@ def tag_promoted_version(client: MlflowClient, model_name: str, entry: dict, rea
         client.set_model_version_tag(model_name, entry["version"], key, value)
 
 
-def record_champion_change(client: MlflowClient, model_name: str, new_version: str, previous_version: str | None,
-                           actor: str, reason: str) -> None:
-    """Append a champion move that the caller already made (e.g. the retrain flow's automatic
-    promotion) to the history, and tag the new champion version. No race check: see `promote_version`."""
-    previous = str(previous_version) if previous_version is not None else None
-    entry = history_entry(str(new_version), previous, previous, "promote", actor, reason)
-    write_history(client, model_name, [*read_history(client, model_name), entry])
-    tag_promoted_version(client, model_name, entry, reason)
-
-
 def promote_version(client: MlflowClient, model_name: str, version: str | int, reason: str, actor: str,
                     force: bool = False, on_step: Callable[[str], None] | None = None) -> dict:
     """Move `champion` to `version` and record it; returns the history entry.
@@ -152,11 +154,10 @@ def promote_version(client: MlflowClient, model_name: str, version: str | int, r
     See `move_champion` for how racing promotions are detected; `on_step(stage)` is called at its
     stages "read" and "alias moved" so tests can interleave a competing promotion.
     """
-    registered_model(client, model_name)
+    model = registered_model(client, model_name)
     target = model_version(client, model_name, version)
     number = str(target.version)
-    history = read_history(client, model_name)
-    current = champion_number(client, model_name)
+    history, current = _history_of(model), _champion_of(model)
     if current == number:
         raise VitflowError(f"v{number} is already the champion of {model_name}; nothing to do")
     if current is not None and not force:
@@ -164,8 +165,8 @@ def promote_version(client: MlflowClient, model_name: str, version: str | int, r
         theirs = client.get_model_version(model_name, current).tags.get("data_version")
         if ours != theirs:
             raise VitflowError(f"v{number} of {model_name} was evaluated on data version "
-                               f"{short_data_version(ours) or 'unknown'}, the champion v{current} on "
-                               f"{short_data_version(theirs) or 'unknown'}, so their scores are not comparable; "
+                               f"{short_hash(ours) or 'unknown'}, the champion v{current} on "
+                               f"{short_hash(theirs) or 'unknown'}, so their scores are not comparable; "
                                "retrain on the current data, or pass --force to promote it anyway")
     entry = history_entry(number, current, current, "promote", actor, reason)
     move_champion(client, model_name, entry, history, on_step)
@@ -180,9 +181,8 @@ def rollback(client: MlflowClient, model_name: str, actor: str, reason: str = "r
     version check: it restores a former champion. Refuses (VitflowError) when there is no champion
     or no earlier champion recorded in the history.
     """
-    registered_model(client, model_name)
-    history = read_history(client, model_name)
-    current = champion_number(client, model_name)
+    model = registered_model(client, model_name)
+    history, current = _history_of(model), _champion_of(model)
     if current is None:
         raise VitflowError(f"{model_name} has no champion; nothing to roll back")
     made_current = _latest_index(history, current, len(history))
@@ -252,12 +252,12 @@ def best_version(client: MlflowClient, model_name: str, metric: str) -> ModelVer
     registered_model(client, model_name)
     key = f"test_{metric}"
     versions = [version for version in client.search_model_versions(f"name='{model_name}'") if key in version.tags]
-    current = champion_number(client, model_name)
+    current = champion_version(client, model_name)
     if current is not None:
-        data_version = client.get_model_version(model_name, current).tags.get("data_version")
+        data_version = current.tags.get("data_version")
         versions = [version for version in versions if version.tags.get("data_version") == data_version]
     if not versions:
-        among = f"evaluated on the data version of the champion v{current}" if current else "at all"
+        among = f"evaluated on the data version of the champion v{current.version}" if current else "at all"
         raise VitflowError(f"no version of {model_name} {among} has a {key} tag; "
                            "run `vitflow run` or promote a version by number")
     return max(versions, key=lambda version: (float(version.tags[key]), int(version.version)))
@@ -275,16 +275,16 @@ def compare_runs(client: MlflowClient, experiment_name: str, model_name: str,
     version_by_run = {version.tags.get("run_id") or version.run_id: int(version.version) for version in versions}
     champion = champion_number(client, model_name) if versions else None
     rows = []
-    for run in _all_runs(client, experiment.experiment_id):
-        parent = run.data.tags.get("mlflow.parentRunId")
-        if parent is None or parent_run_id not in (None, parent):
+    only = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else ""
+    for run in _all_runs(client, experiment.experiment_id, only):
+        if "mlflow.parentRunId" not in run.data.tags:
             continue
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         version = version_by_run.get(run.info.run_id)
         rows.append({"run_name": run.info.run_name,
                      "model": Path(tags.get("model_source", "").rstrip("/")).name,
                      "strategy": tags.get("strategy", ""),
-                     "data_version": short_data_version(tags.get("data_version")),
+                     "data_version": short_hash(tags.get("data_version")),
                      **{name: _number(params.get(f"train.{name}")) for name in RUN_PARAMS},
                      **{name: metrics.get(name) for name in RUN_METRICS},
                      "duration_s": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
@@ -299,11 +299,11 @@ def compare_runs(client: MlflowClient, experiment_name: str, model_name: str,
     return frame[columns]
 
 
-def _all_runs(client: MlflowClient, experiment_id: str) -> list:
-    """Every run of the experiment, following MLflow's pages."""
+def _all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
+    """Every run of the experiment that matches `filter_string`, following MLflow's pages."""
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], page_token=token)
+        page = client.search_runs([experiment_id], filter_string, page_token=token)
         runs.extend(page)
         token = page.token
         if not token:

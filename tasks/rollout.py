@@ -35,6 +35,7 @@ from transformers import PreTrainedModel
 
 from tasks.evaluate import predict_logits
 from tasks.preprocess import SplitTensors, load_split
+from tasks.register import RETRY_DELAYS_SECONDS, retry_if_unreachable, tracking_server_errors
 from vitflow.errors import VitflowError
 from vitflow.images import load_image, normalize
 from vitflow.models import ImageClassifier, hf_forward_kwargs, load_model
@@ -436,7 +437,8 @@ def artifact_key(run_name: str) -> str:
     return f"rollout-{slug}" if slug else "rollout"
 
 
-@task(name="attention-rollout")
+@task(name="attention-rollout", retries=len(RETRY_DELAYS_SECONDS), retry_delay_seconds=RETRY_DELAYS_SECONDS,
+      retry_condition_fn=retry_if_unreachable)
 def rollout_task(model_dir: str, cache_file: str, out_dir: str, run_id: str, count: int, head_fusion: str,
                  discard_ratio: float) -> dict:
     """Draw the rollout grid for the test split, log it to MLflow run `run_id` under rollout/ and report it.
@@ -445,9 +447,10 @@ def rollout_task(model_dir: str, cache_file: str, out_dir: str, run_id: str, cou
     """
     result = rollout_grid(load_model(model_dir), load_split(cache_file, "test"),
                           Path(out_dir) / "attention_rollout.png", count, head_fusion, discard_ratio)
-    client = configure_mlflow()
-    client.log_artifact(run_id, result["path"], "rollout")
-    run = client.get_run(run_id)
+    with tracking_server_errors():
+        client = configure_mlflow()
+        client.log_artifact(run_id, result["path"], "rollout")
+        run = client.get_run(run_id)
     png_uri = f"{run.info.artifact_uri}/rollout/{Path(result['path']).name}"
     if TaskRunContext.get() is not None:  # Prefect artifacts belong to a task run; `.fn()` has none
         name = run.data.tags.get("strategy") or run.info.run_name or run_id
@@ -476,10 +479,7 @@ def explain_image(
             raise VitflowError(f"class {class_label!r} is not a label of the model; choose one of: "
                                f"{', '.join(model.labels)}")
         target = model.labels.index(class_label)
-    try:
-        pixels = load_image(image_path, model.data_config)
-    except OSError as error:
-        raise VitflowError(f"{image_path}: not a readable image ({error})") from None
+    pixels = load_image(image_path, model.data_config)
     try:
         maps, logits = explain(model.model, normalize(pixels[None], model.data_config), head_fusion, discard_ratio,
                                target)

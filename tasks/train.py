@@ -163,7 +163,7 @@ def _train_end_to_end(model: ImageClassifier, train: SplitTensors, val: SplitTen
             images = train.images[indices]
             if augment is not None:
                 images = torch.stack([augment(image) for image in images])
-            loss = F.cross_entropy(net(normalize(images, model.data_config).to(device)),
+            loss = F.cross_entropy(net(normalize(images.to(device), model.data_config)),
                                    train.labels[indices].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -215,7 +215,7 @@ def extract_features(model: ImageClassifier, images: torch.Tensor, batch_size: i
     model.eval()
     device = next(model.parameters()).device
     chunks = images.split(batch_size)
-    return torch.cat([model.forward_features(normalize(chunk, model.data_config).to(device))
+    return torch.cat([model.forward_features(normalize(chunk.to(device), model.data_config))
                       for chunk in tqdm(chunks, desc="features", disable=not progress, leave=False)])
 
 
@@ -225,7 +225,7 @@ def _validate(model: ImageClassifier, val: SplitTensors, settings: TrainSettings
     device = next(model.parameters()).device
 
     def logits(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([model(normalize(chunk, model.data_config).to(device))
+        return torch.cat([model(normalize(chunk.to(device), model.data_config))
                           for chunk in images.split(settings.batch_size)])
 
     return _val_metrics(distributed.gather_rows(logits, val.images), val.labels.to(device))
@@ -262,7 +262,15 @@ def _training_cache_key(context: TaskRunContext, parameters: dict) -> str:
 def fine_tune_task(model_source: str, labels: list[str], image_size: int | None, cache_file: str, strategy: str,
                    settings: TrainSettings, out_dir: str, trust_remote_code: bool = False) -> TrainResult:
     """`out_dir` is named by a fingerprint of data version, params and code, never by run ids."""
+    return train_from_cache(model_source, labels, image_size, cache_file, strategy, settings, out_dir,
+                            trust_remote_code)
+
+
+def train_from_cache(model_source: str, labels: list[str], image_size: int | None, cache_file: Path | str,
+                     strategy: str, settings: TrainSettings, out_dir: Path | str, trust_remote_code: bool = False,
+                     progress: bool = True) -> TrainResult:
+    """Load the pretrained model with a new head for `labels` and fine-tune it on the cache's train/val splits."""
     torch.manual_seed(settings.seed)  # the new head's initialisation
     model = load_model(model_source, labels=labels, image_size=image_size, trust_remote_code=trust_remote_code)
     return fine_tune(model, load_split(cache_file, "train"), load_split(cache_file, "val"), strategy, settings,
-                     out_dir)
+                     out_dir, progress=progress)

@@ -110,10 +110,12 @@ def test_batches_are_dealt_like_distributed_sampler(monkeypatch):
     assert torch.equal(single, torch.randperm(n))  # one process shuffles as it always has
 
 
-# DINOv2 (the default model's family) also checks DDP with a parameter `full` never uses (mask_token).
-@pytest.mark.parametrize(("backbone", "unused"), [("tiny_dinov2", {"model.dinov2.embeddings.mask_token"})])
-def test_torchrun_trains_one_model_across_two_processes(backbone, unused, cache, request, tmp_path):
-    model_dir = request.getfixturevalue(backbone)
+UNUSED_BY_FULL = {"model.dinov2.embeddings.mask_token"}  # DDP must cope with a parameter `full` never uses
+
+
+def test_torchrun_trains_one_model_across_two_processes(tiny_dinov2, cache, tmp_path):
+    """On DINOv2, the default model's family."""
+    model_dir, unused = tiny_dinov2, UNUSED_BY_FULL
     recorder, out, reports = tmp_path / "recorder.py", tmp_path / "out", tmp_path / "ranks"
     recorder.write_text(RECORDER)
     reports.mkdir()

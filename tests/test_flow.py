@@ -5,7 +5,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.retrain import retrain
-from vitflow.cli import main
+from vitflow.cli import main, resolve_runner
+from vitflow.config import PARAMS_FILE
 from vitflow.serving import load_logged_model
 from vitflow.tracking import tracking_uri
 
@@ -66,6 +67,8 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumon
         assert main(["predict", str(image), "--model", f"models:/{MODEL_NAME}@champion", "--precision", precision,
                      "--top-k", "1"]) == 0
         assert capsys.readouterr().out.split()[1] in {"normal", "pneumonia"}
+    int8 = resolve_runner(f"models:/{MODEL_NAME}@champion", "int8", str(PARAMS_FILE))
+    assert int8.compute == "cpu-int8-onnxruntime"  # predict --precision int8 ran the int8 export, not FP32
 
     # A worse model (nothing is learned) on the same data version must not take the champion alias.
     second = retrain(overrides=[*base_overrides, "train.lr_backbone=0", "train.lr_head=0"])

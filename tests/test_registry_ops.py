@@ -2,11 +2,9 @@
 promotions, comparing strategy runs, and the CLI commands. Versions are registered without training:
 runs with params, metrics and tags in the test MLflow store, and versions pointing at empty folders."""
 
-import argparse
 import io
 import json
 import re
-import sys
 import uuid
 from datetime import datetime
 
@@ -26,11 +24,10 @@ from tasks.registry_ops import (
     promote_version,
     publish_comparison_artifact,
     read_history,
-    record_champion_change,
     render,
     rollback,
 )
-from vitflow.cli_registry import add_registry_commands
+from vitflow.cli import main
 from vitflow.errors import VitflowError
 from vitflow.tracking import tracking_uri
 
@@ -187,12 +184,11 @@ def test_a_promotion_that_loses_a_race_raises_and_leaves_the_winner_champion(cli
     assert "promoted_by" not in client.get_model_version(name, "2").tags
 
 
-def test_record_champion_change_keeps_the_latest_history_that_fits(client, tmp_path):
+def test_history_keeps_the_latest_moves_that_fit(client, tmp_path):
     name = build_registry(client, tmp_path, [("full", DATA_A, 0.8), ("partial", DATA_A, 0.85)])["name"]
     for index in range(25):  # what the retrain flow's automatic promotions write, many times over
-        version, previous = ("2", "1") if index % 2 else ("1", "2" if index else None)
-        client.set_registered_model_alias(name, "champion", version)
-        record_champion_change(client, name, version, previous, "retrain flow", f"move {index} " + "x" * 300)
+        version = "2" if index % 2 else "1"
+        promote_version(client, name, version, f"move {index} " + "x" * 300, "retrain flow", force=True)
 
     text = client.get_registered_model(name).tags[HISTORY_TAG]
     history = json.loads(text)
@@ -272,15 +268,8 @@ def test_the_comparison_artifact_is_plain_json(client, tmp_path, monkeypatch):
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """What `vitflow.cli.main` does with these commands added: (exit code, stdout, stderr)."""
-    parser = argparse.ArgumentParser(prog="vitflow")
-    add_registry_commands(parser.add_subparsers(required=True))
-    args = parser.parse_args(argv)
-    try:
-        code = args.handler(args)
-    except VitflowError as error:
-        print(f"error: {error}", file=sys.stderr)
-        code = 2
+    """`vitflow ARGV`: (exit code, stdout, stderr)."""
+    code = main(argv)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -144,25 +144,16 @@ def run_command(args: argparse.Namespace) -> int:
 
 def resolve_model(model: str | None, params_file: str):
     """A checkpoint directory, an MLflow model URI, or (None) the registered champion, as an ImageClassifier."""
-    from vitflow.config import load_params
     from vitflow.models import load_model
     from vitflow.serving import load_logged_model
-    from vitflow.tracking import configure_mlflow
 
     if model and Path(model).is_dir():
         return load_model(model).eval()
-    configure_mlflow()
-    uri = model or f"models:/{load_params(params_file)['registry']['model_name']}@champion"
-    try:
-        return load_logged_model(uri).eval()
-    except Exception as error:  # MLflow raises several types for a missing model or alias
-        raise VitflowError(f"model {uri}: cannot load it ({str(error).splitlines()[0]}); "
-                           "run `vitflow run` first or pass --model") from None
+    return _load_logged(model, params_file, lambda client, uri: load_logged_model(uri).eval())
 
 
 def resolve_runner(model: str | None, precision: str, params_file: str):
     """Like `resolve_model`, but the model's export at `precision`, as a `vitflow.precision.ExportedModel`."""
-    from vitflow.config import load_params
     from vitflow.precision import load_exported
 
     if model and Path(model).is_dir():
@@ -171,31 +162,33 @@ def resolve_runner(model: str | None, precision: str, params_file: str):
             raise VitflowError(f"{model}: holds a {runner.precision} model, not {precision}; pass --precision "
                                f"{runner.precision}, or a registered model URI to pick one of its exports")
         return runner
+    from mlflow.models import get_model_info
+
     from tasks.register import exported_model_uri
     from vitflow.serving import load_logged_runner
+
+    def load(client, uri: str):
+        if precision != "fp32":
+            uri = exported_model_uri(client, get_model_info(uri).run_id, precision)
+        return load_logged_runner(uri)
+
+    return _load_logged(model, params_file, load)
+
+
+def _load_logged(model_uri: str | None, params_file: str, load):
+    """`load(client, uri)` on an MLflow model URI, or (None) the registered champion; a failure becomes one line."""
+    from vitflow.config import load_params
     from vitflow.tracking import configure_mlflow
 
     client = configure_mlflow()
-    name = load_params(params_file)["registry"]["model_name"]
-    uri = model or f"models:/{name}@champion"
+    uri = model_uri or f"models:/{load_params(params_file)['registry']['model_name']}@champion"
     try:
-        if precision != "fp32":
-            uri = exported_model_uri(client, _run_of(client, uri), precision)
-        return load_logged_runner(uri)
+        return load(client, uri)
     except VitflowError:
         raise
     except Exception as error:  # MLflow raises several types for a missing model or alias
         raise VitflowError(f"model {uri}: cannot load it ({str(error).splitlines()[0]}); "
                            "run `vitflow run` first or pass --model") from None
-
-
-def _run_of(client, uri: str) -> str:
-    """The run that logged a registered model version given as models:/NAME@ALIAS or models:/NAME/VERSION."""
-    name, _, rest = uri.removeprefix("models:/").partition("/")
-    if "@" in name:
-        name, alias = name.split("@", 1)
-        return client.get_model_version_by_alias(name, alias).run_id
-    return client.get_model_version(name, rest).run_id
 
 
 def predict_command(args: argparse.Namespace) -> int:
@@ -206,10 +199,7 @@ def predict_command(args: argparse.Namespace) -> int:
         raise VitflowError(f"{missing[0]}: no such image file")
     model = resolve_runner(args.model, args.precision, args.params)
     for image_path in args.images:
-        try:
-            pixels = load_image(image_path, model.data_config)
-        except OSError as error:
-            raise VitflowError(f"{image_path}: not a readable image ({error})") from None
+        pixels = load_image(image_path, model.data_config)
         probabilities = model(normalize(pixels[None], model.data_config)).softmax(1)[0]
         top = probabilities.topk(min(args.top_k, len(model.labels)))
         print(image_path)

@@ -79,14 +79,14 @@ def _describe(model_name: str, entry: dict) -> str:
 
 
 def models_command(args: argparse.Namespace) -> int:
-    from tasks.registry_ops import list_versions
+    from tasks.registry_ops import CHAMPION, list_versions
 
     client, _, model_name = _setup(args)
     frame = list_versions(client, model_name)
     if frame.empty:
         print(f"{model_name} has no versions yet; run `vitflow run`")
         return 0
-    is_champion = frame["aliases"].str.split(",").apply(lambda aliases: "champion" in aliases)
+    is_champion = frame["aliases"].str.split(",").apply(lambda aliases: CHAMPION in aliases)
     frame.insert(0, "", is_champion.map({True: "*", False: ""}))
     frame["created"] = frame["created"].dt.strftime("%Y-%m-%d %H:%M")
     print(frame.to_string(index=False, float_format=lambda value: f"{value:.4f}"))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from vitflow.errors import VitflowError
 from vitflow.models import DataConfig
 
 RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -46,15 +47,20 @@ def resize_and_crop(image: Image.Image, data_config: DataConfig) -> torch.Tensor
 
 
 def load_image(path: Path | str, data_config: DataConfig) -> torch.Tensor:
-    """One image file, ready for the model apart from normalisation: uint8 [3, S, S]."""
-    with Image.open(path) as image:
-        return resize_and_crop(to_rgb(image), data_config)
+    """One image file, ready for the model apart from normalisation: uint8 [3, S, S].
+
+    A file that is missing or not a readable image is a VitflowError naming it."""
+    try:
+        with Image.open(path) as image:
+            return resize_and_crop(to_rgb(image), data_config)
+    except OSError as error:
+        raise VitflowError(f"{path}: not a readable image ({error})") from None
 
 
 def normalize(images: torch.Tensor, data_config: DataConfig) -> torch.Tensor:
     """uint8 [N, 3, S, S] -> float32 normalised with the model's own mean and std."""
-    mean = torch.tensor(data_config.mean).view(1, 3, 1, 1)
-    std = torch.tensor(data_config.std).view(1, 3, 1, 1)
+    mean = torch.tensor(data_config.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(data_config.std, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean) / std
 
 

@@ -154,7 +154,7 @@ def _resolve_backend(source: str) -> tuple[str, str]:
             sidecar = json.loads((path / SIDECAR).read_text())
             if sidecar.get("precision") == "int8":
                 raise VitflowError(f"{path}: an int8 ONNX export, not a torch checkpoint; run it with "
-                                   "tasks.export.load_exported")
+                                   "vitflow.precision.load_exported")
             return sidecar["backend"], source
         config_file = path / "config.json"
         if not config_file.is_file():

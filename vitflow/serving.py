@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 
+import mlflow.artifacts
 import mlflow.pyfunc
 import pandas as pd
 import torch
@@ -53,11 +55,19 @@ def _load_pyfunc(model_uri: str) -> VitflowImageClassifier:
         sys.path[:] = saved_path
 
 
+def logged_model_dir(model_uri: str) -> Path:
+    """The checkpoint directory inside a logged vitflow model, downloaded; the model is not loaded."""
+    from mlflow.models import Model
+
+    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    return local / Model.load(str(local)).flavors["python_function"]["artifacts"]["model_dir"]["path"]
+
+
 def load_logged_model(model_uri: str):
     """The `ImageClassifier` (FP32 torch) inside a logged vitflow model, e.g. "models:/vitflow-classifier@champion"."""
     from vitflow.models import load_model
 
-    return load_model(_load_pyfunc(model_uri).model_dir)
+    return load_model(str(logged_model_dir(model_uri)))
 
 
 def load_logged_runner(model_uri: str):
