@@ -18,13 +18,13 @@ import pandas as pd
 import torch
 
 from benchmarks.machine import machine
-from tasks.export import benchmark_latency, export_and_verify, weights_bytes
-from tasks.preprocess import load_split
-from tasks.rollout import explain
-from vitflow import WORK_DIR
-from vitflow.config import load_params
-from vitflow.images import normalize
+from vitflow.config import load_config
+from vitflow.data.cache import load_split
+from vitflow.data.images import normalize
+from vitflow.explain.heatmaps import explain
+from vitflow.export import benchmark_latency, export_and_verify, weights_bytes
 from vitflow.models import load_model
+from vitflow.paths import work_dir
 from vitflow.precision import load_exported
 from vitflow.serving import logged_model_dir
 from vitflow.tracking import configure_mlflow
@@ -32,7 +32,7 @@ from vitflow.tracking import configure_mlflow
 
 def champion_dir() -> str:
     configure_mlflow()
-    return str(logged_model_dir(f"models:/{load_params()['registry']['model_name']}@champion"))
+    return str(logged_model_dir(f"models:/{load_config().registry.model_name}@champion"))
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     model_dir = args.model_dir or champion_dir()
-    cache = args.cache or str(max((WORK_DIR / "cache").glob("*.safetensors"), key=lambda path: path.stat().st_mtime))
+    cache = args.cache or str(max((work_dir() / "cache").glob("*.safetensors"), key=lambda path: path.stat().st_mtime))
     test = load_split(cache, "test")
     out_root = Path(tempfile.mkdtemp(prefix="vitflow-precision-"))
 

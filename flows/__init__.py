@@ -1,3 +1,8 @@
-"""Prefect flows: they only chain the tasks in `tasks/`."""
+"""Prefect flows: they only chain the tasks in `tasks/`.
 
-import vitflow  # noqa: F401  (sets the offline environment before Prefect is imported)
+Importing this package sets up the process environment before Prefect is imported.
+"""
+
+from vitflow import environment
+
+environment.set_up()

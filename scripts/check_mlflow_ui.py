@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from vitflow.config import load_params
+from vitflow.config import load_config
 from vitflow.tracking import tracking_uri
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -57,7 +57,7 @@ def main() -> int:
     if chromium is None:
         sys.exit("error: chromium not found; install Debian's package: apt-get install chromium")
     uri = tracking_uri()
-    experiment_id, run_ids = latest_strategy_runs(MlflowClient(uri), load_params()["mlflow"]["experiment"])
+    experiment_id, run_ids = latest_strategy_runs(MlflowClient(uri), load_config().mlflow.experiment)
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),

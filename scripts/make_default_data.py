@@ -18,8 +18,8 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from vitflow import PROJECT_ROOT
 from vitflow.errors import VitflowError
+from vitflow.paths import PROJECT_ROOT
 
 DEFAULT_SOURCE = Path("/work/shared/datasets/hymenoptera_data.tar.gz")
 SPLIT_RENAME = {"train": "train", "val": "test"}  # the tutorial's val becomes our held-out test split

@@ -13,31 +13,32 @@ import json
 import sys
 from dataclasses import asdict
 
-from tasks import distributed
-from tasks.preprocess import load_labels
-from tasks.train import STRATEGIES, TrainSettings, train_from_cache
-from vitflow.config import PARAMS_FILE, load_params
+from vitflow.config import load_config
+from vitflow.data.cache import load_labels
 from vitflow.errors import VitflowError
+from vitflow.paths import PARAMS_FILE
+from vitflow.training import distributed
+from vitflow.training.loop import train_from_cache
+from vitflow.training.strategies import STRATEGIES, resolve
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", required=True, help="preprocessed .safetensors file (labels in its metadata)")
     parser.add_argument("--model", help="model source; default: model.source in params.yaml")
-    parser.add_argument("--strategy", required=True, choices=STRATEGIES)
+    parser.add_argument("--strategy", required=True, choices=list(STRATEGIES))
     parser.add_argument("--out", required=True, help="directory for model/ and result.json")
     parser.add_argument("--params", default=PARAMS_FILE, help="params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params, args.overrides)
-        result = train_from_cache(args.model or params["model"]["source"], load_labels(args.cache),
-                                  params["preprocess"]["image_size"], args.cache, args.strategy,
-                                  TrainSettings.from_params(params), args.out, params["model"]["trust_remote_code"],
-                                  progress=distributed.is_main())
+        config = load_config(args.params, args.overrides)
+        result = train_from_cache(args.model or config.model.source, load_labels(args.cache),
+                                  config.preprocess.image_size, args.cache, resolve(config.train, args.strategy),
+                                  args.out, config.model.trust_remote_code, progress=distributed.is_main())
     except VitflowError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     finally:
         distributed.teardown()
     if distributed.is_main():

@@ -1,3 +1,9 @@
-"""Prefect tasks, one module per pipeline stage, each a thin `@task` over plain functions."""
+"""Prefect tasks: one module per stage, each task a few lines over a `vitflow` library call.
 
-import vitflow  # noqa: F401  (sets the offline environment before Prefect is imported)
+Importing this package sets up the process environment (telemetry off, Prefect's home in the project)
+before any task module imports Prefect.
+"""
+
+from vitflow import environment
+
+environment.set_up()

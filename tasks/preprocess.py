@@ -1,98 +1,30 @@
-"""Decode, convert to RGB, resize and crop every usable image once, and cache the result.
-
-In: the manifest from `tasks.data` and the model's `DataConfig`.
-Out: a `.safetensors` file with, per split, uint8 images [N, 3, S, S] and int64 labels,
-keyed by data version and preprocessing config, so every strategy, epoch and re-run shares
-it. Normalisation and training-time augmentation (`vitflow.images`) run on these tensors on the fly.
-"""
-
-from __future__ import annotations
-
-import hashlib
-import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 from prefect import task
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm import tqdm
 
-from tasks.data import SPLITS
-from vitflow.errors import VitflowError
-from vitflow.images import load_image
-from vitflow.models import DataConfig
+from vitflow.data.cache import cache_key, preprocess_dataset
+from vitflow.data.manifest import class_labels
+from vitflow.models import DataConfig, load_model
+from vitflow.preflight import RunPlan, plan_run
 
 
-@dataclass(frozen=True)
-class SplitTensors:
-    images: torch.Tensor  # uint8 [N, 3, S, S]
-    labels: torch.Tensor  # int64 [N]
-    paths: list[str]
+@task(name="check-settings")
+def plan_task(params_file: str, overrides: list[str] | None) -> RunPlan:
+    """Every setting, the strategies, the data path and the model source, checked before any work."""
+    return plan_run(params_file, overrides)
 
 
-def cache_key(data_version: str, manifest: pd.DataFrame, data_config: DataConfig, labels: list[str]) -> str:
-    """Fingerprint of what the cached tensors depend on: data, splits, labels and preprocessing."""
-    usable = manifest[manifest["status"] == "ok"]
-    fingerprint = {
-        "data_version": data_version,
-        "rows": usable[["path", "label", "split", "checksum"]].sort_values("path").to_numpy().tolist(),
-        "labels": labels,
-        "data_config": asdict(data_config),
-    }
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def preprocess_dataset(manifest: pd.DataFrame, data_dir: Path | str, data_config: DataConfig, labels: list[str],
-                       cache_file: Path | str, progress: bool = True) -> Path:
-    """Decode every usable image in the manifest once and save all splits to `cache_file`.
-
-    Skips the work when `cache_file` already exists (its name carries the cache key).
-    """
-    cache_file = Path(cache_file)
-    if cache_file.is_file():
-        return cache_file
-    data_dir = Path(data_dir)
-    label_index = {label: i for i, label in enumerate(labels)}
-    tensors: dict[str, torch.Tensor] = {}
-    paths: dict[str, list[str]] = {}
-    usable = manifest[manifest["status"] == "ok"].sort_values("path")
-    for split in SPLITS:
-        rows = usable[usable["split"] == split]
-        if rows.empty:
-            continue
-        images = [load_image(data_dir / path, data_config)
-                  for path in tqdm(rows["path"], desc=f"preprocess {split}", disable=not progress, leave=False)]
-        tensors[f"{split}.images"] = torch.stack(images)
-        tensors[f"{split}.labels"] = torch.tensor([label_index[label] for label in rows["label"]], dtype=torch.int64)
-        paths[split] = rows["path"].tolist()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial_file = cache_file.with_suffix(".partial")
-    save_file(tensors, partial_file, metadata={"paths": json.dumps(paths), "labels": json.dumps(labels)})
-    partial_file.replace(cache_file)
-    return cache_file
-
-
-def load_split(cache_file: Path | str, split: str) -> SplitTensors:
-    """One split from a preprocessed cache file (only that split is read)."""
-    with safe_open(str(cache_file), framework="pt") as handle:
-        paths = json.loads(handle.metadata()["paths"])
-        if split not in paths:
-            raise VitflowError(f"{cache_file}: the data has no {split!r} split; check data.* fractions in params.yaml")
-        return SplitTensors(handle.get_tensor(f"{split}.images"), handle.get_tensor(f"{split}.labels"), paths[split])
-
-
-def load_labels(cache_file: Path | str) -> list[str]:
-    """The class names of a preprocessed cache file, in label-index order."""
-    with safe_open(str(cache_file), framework="pt") as handle:
-        return json.loads(handle.metadata()["labels"])
+@task(name="inspect-model")
+def inspect_model_task(model_source: str, image_size: int | None, trust_remote_code: bool) -> DataConfig:
+    """Load the pretrained model once to read the preprocessing that travels with it."""
+    return load_model(model_source, image_size=image_size, trust_remote_code=trust_remote_code).data_config
 
 
 @task(name="preprocess")
-def preprocess_task(manifest: pd.DataFrame, data_dir: str, data_version: str, data_config: DataConfig,
-                    labels: list[str], cache_dir: str) -> str:
+def preprocess_task(manifest: pd.DataFrame, data_path: str, data_version: str, data_config: DataConfig,
+                    cache_dir: str) -> str:
     """Returns the cache file, named by `cache_key`, so a re-run on the same data decodes nothing."""
+    labels = class_labels(manifest)
     cache_file = Path(cache_dir) / f"{cache_key(data_version, manifest, data_config, labels)}.safetensors"
-    return str(preprocess_dataset(manifest, data_dir, data_config, labels, cache_file))
+    return str(preprocess_dataset(manifest, data_path, data_config, labels, cache_file))

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from vitflow.cli import build_parser, main, run_overrides
+from vitflow.cli import build_parser, main
+from vitflow.cli.run import run_overrides
 from vitflow.models import load_model
 
 
@@ -67,3 +68,26 @@ def test_explain_writes_an_overlay_for_one_image(tiny_hf_model, tmp_path, capsys
     assert "for class bees" in printed and str(out) in printed
     assert main(["explain", str(image), "--model", str(model_dir), "--class", "hornets"]) == 2
     assert "hornets" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--data", "/nowhere/at/all"], "/nowhere/at/all: data not found"),
+    (["--set", "train.lr_head=abc"], "train.lr_head='abc' is not allowed"),
+    (["--set", "train.epochs=-1"], "train.epochs=-1 is not allowed"),
+    (["--strategies", "full,bogus"], "unknown strategy 'bogus'"),
+    (["--model", "/nowhere/model"], "/nowhere/model: not a model directory"),
+])
+def test_bad_run_input_is_one_line_before_prefect_starts(args, says, tmp_path):
+    """A fresh process, as a user runs it: one line on stderr, exit 2, and Prefect never started (its home stays empty)."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PREFECT_HOME": str(home), "VITFLOW_WORK_DIR": str(tmp_path / "work")}
+    done = subprocess.run([sys.executable, "-c", "import sys; from vitflow.cli import main; sys.exit(main())", "run",
+                           *args], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: ") and says in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert not home.exists() or not any(home.iterdir())

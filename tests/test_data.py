@@ -11,16 +11,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from tasks.data import (
-    DataVersion,
+from vitflow.data.manifest import (
     build_manifest,
-    build_manifest_task,
-    restore_data,
     summarise_manifest,
-    version_data,
+    write_manifest,
 )
-from vitflow import PROJECT_ROOT
+from vitflow.data.versioning import DataVersion, restore_data, version_data
 from vitflow.errors import VitflowError
+from vitflow.paths import PROJECT_ROOT
 
 DVC_ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
 
@@ -99,9 +97,11 @@ def test_summary_counts(mixed: Path) -> None:
                        "splits": {"train": {"cats": 4, "dogs": 3}, "test": {"cats": 1, "dogs": 1}}}
 
 
-def test_task_writes_the_manifest_csv(mixed: Path, tmp_path: Path) -> None:
+def test_manifest_csv_round_trips_and_leaves_no_partial_file(mixed: Path, tmp_path: Path) -> None:
     out_csv = tmp_path / "out" / "manifest.csv"
-    manifest = build_manifest_task.fn(str(mixed), 0.0, 0.0, 1, str(out_csv))  # outside a run: no artifact
+    manifest = build_manifest(mixed, 0.0, 0.0, 1)
+    write_manifest(manifest, out_csv)
+    assert [path.name for path in out_csv.parent.iterdir()] == ["manifest.csv"]
     written = pd.read_csv(out_csv, keep_default_na=False, dtype={"checksum": str})
     pd.testing.assert_frame_equal(written, manifest, check_dtype=False)
 
@@ -179,7 +179,7 @@ def _error_layouts(root: Path) -> dict[str, tuple[Path, str]]:
         "single": (root / "single", "at least two"),
         "differ": (root / "differ/test", "same class folders"),
         "no_train": (root / "no_train", "no train/"),
-        "tiny": (root / "tiny/b", "lower data.val_fraction"),
+        "tiny": (root / "tiny", "class 'b' has 2 usable training images"),
     }
 
 

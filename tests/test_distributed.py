@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.distributed import shard_batches
-from tasks.preprocess import load_split, preprocess_dataset
-from vitflow import PROJECT_ROOT
-from vitflow.images import normalize
+from vitflow.data.cache import load_split, preprocess_dataset
+from vitflow.data.images import normalize
 from vitflow.models import load_model
+from vitflow.paths import PROJECT_ROOT
+from vitflow.training.distributed import shard_batches
 
 LABELS = ["normal", "pneumonia"]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import tasks.train
+import vitflow.training.loop
 from vitflow.models import ImageClassifier
 
 record = {"steps": 0, "saves": 0}
@@ -45,8 +45,8 @@ def counted(save):
 
 
 ImageClassifier.save = counted(ImageClassifier.save)
-tasks.train.TrainResult.save = counted(tasks.train.TrainResult.save)
-fine_tune = tasks.train.fine_tune
+vitflow.training.loop.TrainResult.save = counted(vitflow.training.loop.TrainResult.save)
+fine_tune = vitflow.training.loop.fine_tune
 
 
 def recorded_fine_tune(model, *args, **kwargs):
@@ -56,7 +56,7 @@ def recorded_fine_tune(model, *args, **kwargs):
     return result
 
 
-tasks.train.fine_tune = recorded_fine_tune
+vitflow.training.loop.fine_tune = recorded_fine_tune
 sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")

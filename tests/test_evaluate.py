@@ -1,8 +1,9 @@
 import pandas as pd
 import torch
 
-from tasks.evaluate import evaluate_model, predict_logits
-from tasks.preprocess import SplitTensors
+from vitflow.data.cache import SplitTensors
+from vitflow.evaluation import evaluate_model
+from vitflow.inference import predict_logits
 from vitflow.models import load_model
 
 LABELS = ["ants", "bees", "wasps"]

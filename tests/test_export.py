@@ -9,19 +9,18 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tasks.export import (
+from vitflow.data.images import normalize
+from vitflow.errors import VitflowError
+from vitflow.export import (
     DTYPES,
     ONNX_FILE,
     benchmark_latency,
     compare_precisions,
     export_and_verify,
     export_model,
-    export_task,
-    load_exported,
 )
-from vitflow.errors import VitflowError
-from vitflow.images import normalize
 from vitflow.models import SIDECAR, DataConfig, load_model
+from vitflow.precision import load_exported
 
 SIZE = 32  # the tiny models' input side
 SAFETENSORS_DTYPES = {"fp16": "F16", "bf16": "BF16"}
@@ -159,13 +158,13 @@ def test_unknown_precision_is_refused_before_any_work(tiny_hf_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_export_task_returns_a_record_per_precision(tiny_timm_model, tmp_path):
+def test_export_and_verify_returns_a_record_per_precision(tiny_timm_model, tmp_path):
     images, labels = random_images(20, seed=1)
     cache_file = tmp_path / "cache.safetensors"
     save_file({"test.images": images, "test.labels": labels}, cache_file,
               metadata={"paths": json.dumps({"test": [f"{i}.png" for i in range(20)]}), "labels": "[]"})
 
-    records = export_task.fn(str(tiny_timm_model), str(cache_file), str(tmp_path / "exports"), ("fp16", "int8"))
+    records = export_and_verify(str(tiny_timm_model), str(cache_file), tmp_path / "exports", ("fp16", "int8"))
 
     assert [r["precision"] for r in records] == ["fp16", "int8"]
     assert all(set(r) == RECORD_KEYS for r in records)

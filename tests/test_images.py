@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitflow.images import augmentation, normalize, resize_and_crop, to_rgb
+from vitflow.data.images import augmentation, normalize, resize_and_crop, to_rgb
 from vitflow.models import DataConfig
 
 CONFIG = DataConfig(image_size=16, resize_size=20, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))

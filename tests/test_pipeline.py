@@ -1,6 +1,6 @@
-"""The DVC pipeline (dvc.yaml + tasks/pipeline.py) run for real in a scratch git+DVC repo, and the offline remote.
+"""The DVC pipeline (dvc.yaml + vitflow/stages.py) run for real in a scratch git+DVC repo, and the offline remote.
 
-The scratch repo holds copies of tasks/ and vitflow/, the project's dvc.yaml without the `foundation` stage
+The scratch repo holds a copy of vitflow/, the project's dvc.yaml without the `foundation` stage
 (the tiny model stands in for the foundation backbone) and a params.yaml for tiny runs with one strategy: every
 stage is a process that spends ~15 s CPU importing torch, transformers and Prefect. The project's own dvc.yaml is
 checked to expand to a train/evaluate/export stage per strategy without running anything.
@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 from configobj import ConfigObj
+
+from vitflow.identity import STAGE_CODE
 
 PROJECT = Path(__file__).resolve().parents[1]
 STAGES = {"prepare", "train@full", "evaluate@full", "export@full"}
@@ -59,8 +61,7 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
 def pipeline_repo(tmp_path, tiny_hf_model, pneumonia_folder) -> Path:
     """A committed scratch repo: code, tiny model, DVC-tracked images, the pipeline and tiny params."""
     repo = git_dvc_repo(tmp_path / "repo")
-    for package in ("tasks", "vitflow"):
-        shutil.copytree(PROJECT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PROJECT / "vitflow", repo / "vitflow", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_hf_model, repo / "models" / "tiny")
     shutil.copytree(pneumonia_folder, repo / "data")
     pipeline = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
@@ -82,6 +83,14 @@ def test_project_pipeline_has_a_train_evaluate_export_stage_per_strategy():
     strategies = yaml.safe_load((PROJECT / "params.yaml").read_text())["train"]["strategies"]
     assert names == ["foundation", "prepare", *(f"{stage}@{strategy}" for stage in ("train", "evaluate", "export")
                                                 for strategy in strategies)]
+
+
+def test_each_stage_depends_on_the_code_vitflow_fingerprints_it_by():
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGE_CODE)
+    for name, code in STAGE_CODE.items():
+        deps = stages[name].get("do", stages[name])["deps"]
+        assert [dep for dep in deps if dep.startswith("vitflow/")] == list(code), name
 
 
 def test_dvc_pipeline_reproduces_and_reruns_only_what_a_param_touches(pipeline_repo):

@@ -13,28 +13,25 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from tasks.registry_ops import (
+from vitflow.cli import main
+from vitflow.errors import VitflowError
+from vitflow.registry import (
     HISTORY_MAX_CHARS,
     HISTORY_TAG,
     best_version,
     champion_number,
-    compare_runs,
     list_versions,
-    plot_accuracy_vs_time,
     promote_version,
-    publish_comparison_artifact,
     read_history,
-    render,
     rollback,
 )
-from vitflow.cli import main
-from vitflow.errors import VitflowError
+from vitflow.reporting import compare_runs, plot_accuracy_vs_time, render, table_rows
 from vitflow.tracking import tracking_uri
 
 DATA_A = "content-" + "a1" * 16
 DATA_B = "b2" * 16 + ".dir"
 COMPARE_COLUMNS = ["run_name", "model", "strategy", "data_version", "epochs", "lr_backbone", "lr_head", "batch_size",
-                   "partial_blocks", "test_accuracy", "test_macro_f1", "train_seconds", "latency_ms_per_image",
+                   "test_accuracy", "test_macro_f1", "train_seconds", "latency_ms_per_image",
                    "trainable_params", "duration_s", "version", "champion", "run_id"]
 
 
@@ -58,7 +55,7 @@ def build_registry(client: MlflowClient, tmp_path, versions: list[tuple[str, str
             "mlflow.parentRunId": parent_id, "strategy": strategy, "data_version": data_version,
             "model_source": "/models/tiny-vit/"}).info.run_id
         params = {"train.epochs": 3, "train.lr_backbone": 2e-5, "train.lr_head": 1e-3, "train.batch_size": 16,
-                  "train.partial_blocks": 2, "strategy": strategy}
+                  "strategy": strategy}
         metrics = {"test_accuracy": accuracy, "test_macro_f1": accuracy - 0.05, "train_seconds": 10.0 * (index + 1),
                    "latency_ms_per_image": 2.5, "trainable_params": 1000 * (index + 1)}
         client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()],
@@ -223,7 +220,7 @@ def test_compare_runs_has_a_row_per_strategy_run_and_marks_the_champion(client, 
     assert frame["champion"].tolist() == [False, True, False]
     assert frame["model"].unique().tolist() == ["tiny-vit"]
     assert frame["data_version"].unique().tolist() == ["a1a1a1a1"]
-    assert frame[["epochs", "batch_size", "partial_blocks"]].iloc[0].tolist() == [3, 16, 2]
+    assert frame[["epochs", "batch_size"]].iloc[0].tolist() == [3, 16]
     assert frame["lr_backbone"].iloc[0] == pytest.approx(2e-5)
     assert frame["test_accuracy"].tolist() == pytest.approx([0.8, 0.9, 0.5])
     assert frame["trainable_params"].tolist() == [1000, 2000, 3000]
@@ -254,15 +251,11 @@ def test_the_comparison_renders_in_every_format_and_as_a_plot(client, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_comparison_artifact_is_plain_json(client, tmp_path, monkeypatch):
+def test_the_comparison_rows_are_plain_json(client, tmp_path):
     name = build_registry(client, tmp_path, [("full", DATA_A, 0.8)], unregistered=("partial",))["name"]
-    published = {}
-    monkeypatch.setattr("prefect.artifacts.create_table_artifact", lambda **kwargs: published.update(kwargs))
 
-    publish_comparison_artifact(compare_runs(client, name, name))
+    rows = table_rows(compare_runs(client, name, name))
 
-    assert published["key"] == "strategy-comparison"
-    rows = published["table"]
     assert json.loads(json.dumps(rows, allow_nan=False)) == rows  # no NaN, no numpy types
     assert [row["version"] for row in rows] == [1, None] and rows[0]["champion"] is False
 

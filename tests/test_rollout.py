@@ -12,17 +12,10 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from tasks.rollout import (
-    _tile_title,
-    attention_rollout,
-    capture_attentions,
-    cls_patch_map,
-    explain,
-    fuse_heads,
-    gradient_rollout,
-    overlay_heatmap,
-    save_overlay_grid,
-)
+from vitflow.explain.capture import capture_attentions
+from vitflow.explain.figures import _tile_title, overlay_heatmap, save_overlay_grid
+from vitflow.explain.heatmaps import explain
+from vitflow.explain.rollout import attention_rollout, cls_patch_map, fuse_heads, gradient_rollout
 
 
 def random_attention(layers=3, batch=2, heads=2, tokens=5, seed=0):

@@ -1,6 +1,5 @@
 """Tests for the rollout grid, the attention-rollout task and single-image explanations (tasks.rollout)."""
 
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -8,19 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-import tasks.rollout
-from tasks.preprocess import SplitTensors, load_split, preprocess_dataset
-from tasks.rollout import (
-    artifact_key,
-    choose_images,
-    explain,
-    explain_image,
-    overlay_heatmap,
-    rollout_grid,
-    rollout_task,
-)
+from tasks.explain import artifact_key, rollout_task
+from vitflow.config import ExplainConfig
+from vitflow.data.cache import SplitTensors, load_split, preprocess_dataset
+from vitflow.data.images import load_image, normalize
 from vitflow.errors import VitflowError
-from vitflow.images import load_image, normalize
+from vitflow.explain.figures import overlay_heatmap
+from vitflow.explain.heatmaps import choose_images, explain, explain_image, rollout_grid
 from vitflow.models import load_model
 from vitflow.tracking import configure_mlflow
 
@@ -91,7 +84,7 @@ def test_rollout_grid_explains_misclassified_first_and_draws_one_png(model, test
         assert png.width / png.height == pytest.approx((3 * 4) / (3.3 * 2), rel=0.01)  # 4 columns, 2 rows
 
     again = rollout_grid(model, test_split, tmp_path / "again.png", count=6, batch_size=16)
-    assert again["images"] == result["images"]
+    assert [{**image, "prob": pytest.approx(image["prob"], abs=1e-6)} for image in result["images"]] == again["images"]
 
 
 def test_rollout_grid_draws_at_most_the_images_there_are(model, tmp_path):
@@ -145,32 +138,27 @@ def test_artifact_key_is_lowercase_letters_digits_and_dashes():
     assert artifact_key("Full (ViT-S/14)") == "rollout-full-vit-s-14"
 
 
-@pytest.mark.parametrize("in_task_run", [False, True])
-def test_rollout_task_logs_the_grid_to_the_mlflow_run(in_task_run, tiny_hf_model, pneumonia_folder, tmp_path,
-                                                      monkeypatch):
+def test_rollout_task_logs_the_grid_to_the_mlflow_run_and_reports_it(tiny_hf_model, pneumonia_folder, tmp_path):
+    """The real task, run by Prefect: the PNG lands in the MLflow run, the report in a Markdown artifact."""
+    from prefect.artifacts import Artifact
+
     torch.manual_seed(0)
     model_dir = load_model(str(tiny_hf_model), LABELS).save(tmp_path / "model")
     cache = preprocess_test_split(pneumonia_folder, load_model(str(model_dir)).data_config, tmp_path / "c.st")
     client = configure_mlflow()
     experiment_id = client.create_experiment(f"rollout-{tmp_path.name}",
                                              artifact_location=(tmp_path / "mlartifacts").as_uri())
-    run_id = client.create_run(experiment_id, tags={"strategy": "feature_extraction"}).info.run_id
-    published = []
-    monkeypatch.setattr(tasks.rollout, "create_markdown_artifact", lambda *args, **kwargs: published.append(kwargs))
-    if in_task_run:
-        monkeypatch.setattr(tasks.rollout, "TaskRunContext", SimpleNamespace(get=lambda: object()))
+    strategy = f"strategy-{tmp_path.name}"
+    run_id = client.create_run(experiment_id, tags={"strategy": strategy}).info.run_id
 
-    result = rollout_task.fn(str(model_dir), str(cache), str(tmp_path / "out"), run_id, 4, "mean", 0.0)
+    result = rollout_task(str(model_dir), str(cache), run_id, ExplainConfig(images=4, head_fusion="mean",
+                                                                             discard_ratio=0.0))
 
     assert [item.path for item in client.list_artifacts(run_id, "rollout")] == ["rollout/attention_rollout.png"]
     assert result["artifact_uri"] == client.get_run(run_id).info.artifact_uri + "/rollout/attention_rollout.png"
     assert len(result["images"]) == 4
-    if not in_task_run:
-        assert published == []
-        return
-    [artifact] = published
-    assert artifact["key"] == "rollout-feature-extraction"
-    assert result["artifact_uri"] in artifact["markdown"]
+    artifact = Artifact.get(artifact_key(strategy))
+    assert artifact is not None and result["artifact_uri"] in artifact.data
     for image in result["images"]:
         row = f"| `{image['path']}` | {image['true']} | {image['pred']} | {image['prob']:.3f} |"
-        assert row in artifact["markdown"]
+        assert row in artifact.data

@@ -24,12 +24,12 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from servers import free_port, running, tail
 
 import flows.retrain as retrain_module
-import tasks.register as register
+import vitflow.tracking as tracking
 from flows.retrain import retrain
-from vitflow import PROJECT_ROOT, WORK_DIR
 from vitflow.cli import main
-from vitflow.cli_ops import serve_command
+from vitflow.cli.ops import serve_command
 from vitflow.errors import VitflowError
+from vitflow.paths import PROJECT_ROOT, work_dir
 from vitflow.tracking import configure_mlflow, tracking_uri
 
 CRON, TIMEZONE = "0 3 * * 1", "Europe/Paris"
@@ -41,8 +41,8 @@ def tiny_overrides(pneumonia_folder: Path, tiny_hf_model: Path, name: str) -> li
     """The overrides of tests/test_flow.py at the tiny model's own size, with STRATEGIES and no exports;
     their own experiment and model name."""
     return [f"data.path={pneumonia_folder}", f"model.source={tiny_hf_model}", "preprocess.image_size=null",
-            "train.epochs=6", "train.feature_extraction_epochs=20", "train.lr_backbone=3e-3", "train.lr_head=3e-3",
-            "train.partial_blocks=1", "preprocess.augment=false", f"train.strategies=[{','.join(sorted(STRATEGIES))}]",
+            "train.epochs=6", "train.feature_extraction.epochs=20", "train.lr_backbone=3e-3", "train.lr_head=3e-3",
+            "train.partial.blocks=1", "train.augment=false", f"train.strategies=[{','.join(sorted(STRATEGIES))}]",
             "export.precisions=[]", f"registry.model_name={name}", f"mlflow.experiment={name}"]
 
 
@@ -203,14 +203,14 @@ def test_runs_survive_a_tracking_server_outage(http_tracking, monkeypatch, tmp_p
     monkeypatch.setattr(retrain_module, "start_tracking_task",
                         retrain_module.start_tracking_task.with_options(retry_delay_seconds=0))
     attempts = []  # when start-tracking tried to reach the server
-    monkeypatch.setattr(register, "configure_mlflow", lambda: attempts.append(time.monotonic()) or configure_mlflow())
+    monkeypatch.setattr(tracking, "configure_mlflow", lambda: attempts.append(time.monotonic()) or configure_mlflow())
     capsys.readouterr()
     start = time.monotonic()
-    assert main(["run", "--force", *[arg for override in overrides for arg in ("--set", override)]]) == 2
+    assert main(["run", "--force", *[arg for override in overrides for arg in ("--set", override)]]) == 3
     seconds, retrying = time.monotonic() - start, time.monotonic() - attempts[0]
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: MLflow tracking server at {uri} is unreachable (connection failed after retries); "
-                      f"trained models are kept in {WORK_DIR}; run `vitflow run` again when it is back"]
+                      f"trained models are kept in {work_dir()}; run `vitflow run` again when it is back"]
     assert len(attempts) == 1 + 3
     print(f"failed run against the stopped server: {seconds:.1f} s, {retrying:.1f} s of it trying to reach it")
     assert retrying < 15 and seconds < 90

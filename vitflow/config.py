@@ -1,51 +1,185 @@
-"""Load `params.yaml` and apply command-line overrides.
+"""The one config: `params.yaml`, loaded once into typed sections and checked on load.
 
-`params.yaml` is the one config source for the Prefect flow, the CLI and DVC stages.
-Overrides are dotted keys, e.g. `train.epochs=5` or `train.strategies=[full,partial]`.
+    config = load_config("params.yaml", ["train.epochs=3", "train.partial.blocks=4"])
+    config.train.epochs, config.data.path, config.as_dict()
+
+Overrides are dotted keys whose values are parsed as YAML. An unknown key, a wrong type or an
+out-of-range value is a `VitflowError` naming the file, the key and what is allowed, raised before any
+work starts. The Prefect flow, the CLI and the DVC stages all read it; tasks receive the sections they need.
+
+`train` holds the settings every strategy shares; a section named after a strategy (`train.partial`)
+holds that strategy's own settings and may override shared ones for it alone (see `vitflow.training`).
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vitflow import PROJECT_ROOT
 from vitflow.errors import VitflowError
+from vitflow.paths import PARAMS_FILE
 
-PARAMS_FILE = PROJECT_ROOT / "params.yaml"
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def load_params(path: Path | str = PARAMS_FILE, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read the YAML config at `path` and apply `overrides` ("section.key=value" strings)."""
+class FoundationConfig(Section):
+    output: str = Field(min_length=1, description="the rebuilt DINOv2-small checkpoint directory")
+    tolerance: float = Field(gt=0, description="max |difference| allowed against onnxruntime")
+
+
+class DataConfigSection(Section):
+    path: str = Field(min_length=1)
+    val_fraction: float = Field(ge=0, lt=1)
+    test_fraction: float = Field(ge=0, lt=1)
+    seed: int
+
+
+class ModelConfig(Section):
+    source: str = Field(min_length=1)
+    trust_remote_code: bool = False
+
+
+class PreprocessConfig(Section):
+    image_size: int | None = Field(default=None, ge=8)
+
+
+class TrainConfig(BaseModel):
+    """Settings every strategy shares. Extra keys are the per-strategy sections, checked by `vitflow.training`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    strategies: list[str] = Field(min_length=1)
+    seed: int
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr_backbone: float = Field(gt=0)
+    lr_head: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_ratio: float = Field(ge=0, lt=1)
+    augment: bool = True
+    crop_scale_min: float = Field(gt=0, le=1)
+
+    def strategy_section(self, strategy: str) -> dict[str, Any]:
+        """The `train.<strategy>` section as written (empty when absent)."""
+        return dict((self.model_extra or {}).get(strategy) or {})
+
+    def shared(self) -> dict[str, Any]:
+        """The shared settings only, without the strategy list and the per-strategy sections."""
+        return {name: getattr(self, name) for name in type(self).model_fields if name != "strategies"}
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(ge=1)
+
+
+class RegistryConfig(Section):
+    model_name: str = Field(min_length=1)
+    metric: Literal["accuracy", "macro_f1"]
+    min_improvement: float = Field(ge=0)
+
+
+class MlflowConfig(Section):
+    experiment: str = Field(min_length=1)
+
+
+class ExplainConfig(Section):
+    images: int = Field(ge=1)
+    head_fusion: Literal["mean", "max", "min"]
+    discard_ratio: float = Field(ge=0, lt=1)
+
+
+class ExportConfig(Section):
+    precisions: list[Literal["fp32", "fp16", "bf16", "int8"]]
+
+
+class Config(Section):
+    foundation: FoundationConfig
+    data: DataConfigSection
+    model: ModelConfig
+    preprocess: PreprocessConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    registry: RegistryConfig
+    mlflow: MlflowConfig
+    explain: ExplainConfig
+    export: ExportConfig
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting as plain data (for MLflow params and fingerprints)."""
+        return self.model_dump(mode="json")
+
+
+def load_config(path: Path | str = PARAMS_FILE, overrides: list[str] | None = None) -> Config:
+    """Read the YAML config at `path`, apply `overrides` ("section.key=value") and check every setting."""
+    return parse_config(read_params(path, overrides), path)
+
+
+def read_params(path: Path | str = PARAMS_FILE, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The YAML at `path` as a dict with `overrides` applied, not yet checked."""
     path = Path(path)
     if not path.is_file():
         raise VitflowError(f"{path}: config file not found; pass --params with the path to params.yaml")
     try:
         params = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise VitflowError(f"{path}: not valid YAML{where} ({error.problem or error.context}); fix the file") from None
     except yaml.YAMLError as error:
-        raise VitflowError(f"{path}: not valid YAML ({error.__class__.__name__}); fix the file") from None
+        raise VitflowError(f"{path}: not valid YAML ({error}); fix the file") from None
+    if not isinstance(params, dict):
+        raise VitflowError(f"{path}: expected sections of settings (a YAML mapping); fix the file")
     for override in overrides or []:
         params = apply_override(params, override)
     return params
 
 
+def parse_config(params: dict[str, Any], source: Path | str = PARAMS_FILE) -> Config:
+    """Check `params` against the typed sections; the first problem is one line naming the key."""
+    try:
+        return Config.model_validate(params)
+    except ValidationError as error:
+        raise VitflowError(describe_error(error, source)) from None
+
+
+def describe_error(error: ValidationError, source: Path | str, prefix: str = "") -> str:
+    """One line for the first problem pydantic found: file, dotted key, given value, what is allowed."""
+    problem = error.errors()[0]
+    key = prefix + ".".join(str(part) for part in problem["loc"])
+    if problem["type"] == "missing":
+        return f"{source}: missing setting {key!r}; add it (see the project's params.yaml)"
+    if problem["type"] == "extra_forbidden":
+        return f"{source}: unknown setting {key!r}; remove it or check its spelling"
+    message = problem["msg"].removeprefix("Value error, ")
+    return f"{source}: {key}={problem['input']!r} is not allowed: {message}"
+
+
 def apply_override(params: dict[str, Any], override: str) -> dict[str, Any]:
-    """Return a copy of `params` with one "dotted.key=value" override applied; the value is parsed as YAML."""
+    """Return a copy of `params` with one "dotted.key=value" override applied; the value is parsed as YAML.
+
+    The top-level section must exist; below it, missing keys are created (a per-strategy setting such as
+    `train.full.lr_head` may be new) and checking them is left to `parse_config`.
+    """
     key, sep, raw_value = override.partition("=")
     if not sep or not key:
         raise VitflowError(f"override {override!r}: expected KEY=VALUE, e.g. train.epochs=5")
-    *parents, leaf = key.split(".")
+    if "." not in key:
+        raise VitflowError(f"override {override!r}: expected SECTION.KEY=VALUE, e.g. train.epochs=5")
+    section, *parents, leaf = key.split(".")
     updated = copy.deepcopy(params)
-    node = updated
+    if not isinstance(updated.get(section), dict):
+        raise VitflowError(f"override {override!r}: params.yaml has no section {section!r}")
+    node = updated[section]
     for part in parents:
-        if not isinstance(node.get(part), dict):
-            raise VitflowError(f"override {override!r}: params.yaml has no section {part!r}")
-        node = node[part]
-    if leaf not in node:
-        raise VitflowError(f"override {override!r}: params.yaml has no setting {key!r}")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise VitflowError(f"override {override!r}: {part!r} is a setting, not a section")
     node[leaf] = _parse_value(raw_value)
     return updated
 
@@ -59,13 +193,3 @@ def _parse_value(raw_value: str) -> Any:
         except ValueError:
             return value
     return value
-
-
-def get(params: dict[str, Any], key: str) -> Any:
-    """Read a dotted key, with a clear error naming the missing setting."""
-    node: Any = params
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise VitflowError(f"params.yaml: missing setting {key!r}; add it (see the project's params.yaml)")
-        node = node[part]
-    return node

@@ -8,7 +8,6 @@ or an int8 ONNX file (run by ONNX Runtime). Used by the export checks, `vitflow 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 import torch
 
 from vitflow.errors import VitflowError
-from vitflow.models import SIDECAR, DataConfig, ImageClassifier, load_model
+from vitflow.models import DataConfig, ImageClassifier, load_model
+from vitflow.models.base import read_sidecar
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,8 +46,7 @@ def load_exported(model_dir: Path | str) -> ExportedModel:
     CPUs); bf16 runs in BF16 (natively on CPUs with BF16 instructions); int8 runs in ONNX Runtime on the CPU.
     """
     model_dir = Path(model_dir)
-    sidecar_file = model_dir / SIDECAR
-    sidecar = json.loads(sidecar_file.read_text()) if sidecar_file.is_file() else {}
+    sidecar = read_sidecar(model_dir)
     precision = sidecar.get("precision", "fp32")
     check_precision(precision)
     if precision == "int8":

@@ -32,7 +32,7 @@ class VitflowImageClassifier(mlflow.pyfunc.PythonModel):
         self.model = load_exported(self.model_dir)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from vitflow.images import normalize, resize_and_crop, to_rgb
+        from vitflow.data.images import normalize, resize_and_crop, to_rgb
 
         images = [resize_and_crop(to_rgb(Image.open(io.BytesIO(data))), self.model.data_config)
                   for data in model_input["image"]]

@@ -1,24 +1,38 @@
-"""Where runs and models are recorded: MLflow's store, and the git state of the code.
+"""MLflow: where runs are recorded, and what each flow run logs there.
 
-By default MLflow writes to a SQLite store under `mlruns/` (artifacts beside it), so no
-server is needed; set `MLFLOW_TRACKING_URI` to use a tracking server instead.
+By default MLflow writes to a SQLite store under `mlruns/` (artifacts beside it), so no server is
+needed; set `MLFLOW_TRACKING_URI` to use a tracking server instead. One parent run per flow run, one
+nested run per strategy; each strategy's model is logged as a pyfunc model and registered as a version.
+A connection failure to the tracking server becomes `TrackingServerUnreachable`, one line long.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import importlib.metadata
 import os
-import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import requests
 from mlflow.tracking import MlflowClient
 
-from vitflow import PROJECT_ROOT
+from vitflow.data.versioning import DataVersion, git_state
+from vitflow.errors import ServiceUnreachable
+from vitflow.evaluation import EvalResult
+from vitflow.identity import run_fingerprint
+from vitflow.paths import MLRUNS_DIR, PROJECT_ROOT, work_dir
+from vitflow.serving import SIGNATURE
+from vitflow.training.loop import TrainResult
 
-MLRUNS_DIR = PROJECT_ROOT / "mlruns"
+SERVING_PACKAGES = ("torch", "torchvision", "timm", "transformers", "safetensors", "pillow", "numpy", "pandas",
+                    "onnxruntime")
+
+
+class TrackingServerUnreachable(ServiceUnreachable):
+    """The MLflow tracking server did not answer, even after retries."""
 
 
 def tracking_uri() -> str:
@@ -51,29 +65,170 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def git_state() -> dict[str, str]:
-    """The commit the code runs from and whether the working tree has uncommitted changes."""
-    def git(*args: str) -> str:
-        result = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
-        return result.stdout.strip() if result.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
-
-
-def source_hash(paths: Iterable[str]) -> str:
-    """Short hash of the contents of project files (paths relative to the project root)."""
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(path.encode())
-        digest.update((PROJECT_ROOT / path).read_bytes())
-    return digest.hexdigest()[:12]
+def _is_connection_failure(error: BaseException | None) -> bool:
+    """Whether `error` or an exception it wraps is a refused, reset or timed-out connection."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
-def run_fingerprint(data_version: str, params: dict) -> str:
-    """What a retraining depends on: data version, every param and the project's code."""
-    code = source_hash(str(path.relative_to(PROJECT_ROOT)) for folder in ("vitflow", "tasks", "flows")
-                       for path in (PROJECT_ROOT / folder).glob("*.py"))
-    payload = json.dumps([data_version, params, code], sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+@contextmanager
+def tracking_server_errors() -> Iterator[None]:
+    """Turn a failure to reach the tracking server into one line: what failed, where the models are, what to do."""
+    try:
+        yield
+    except Exception as error:
+        if not _is_connection_failure(error):
+            raise
+        raise TrackingServerUnreachable(
+            f"MLflow tracking server at {tracking_uri()} is unreachable (connection failed after retries); "
+            f"trained models are kept in {work_dir()}; run `vitflow run` again when it is back") from None
+
+
+@dataclass
+class RegisteredVersion:
+    strategy: str
+    run_id: str
+    version: str
+    metrics: dict[str, float]
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, str]:
+    """{"train": {"epochs": 3}} -> {"train.epochs": "3"}, for MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+def start_parent_run(client: MlflowClient, experiment_id: str, run_name: str, params: dict,
+                     tags: dict[str, str]) -> str:
+    """Create the flow run's parent run with all params and the data/code version tags; return its id."""
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    for key, value in flatten(params).items():
+        client.log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+def log_strategy_run(client: MlflowClient, tracking: TrackingStart, train: TrainResult, evaluation: EvalResult,
+                     params: dict, manifest_csv: str, model_name: str) -> RegisteredVersion:
+    """One nested run: params, per-epoch history, test metrics, artifacts, the model and its registry version."""
+    tags = tracking.tags
+    run = client.create_run(tracking.experiment_id, run_name=tracking.strategy_run_name(train.strategy),
+                            tags={**tags, "mlflow.parentRunId": tracking.parent_run_id, "strategy": train.strategy})
+    run_id = run.info.run_id
+    for key, value in {**flatten(params), "strategy": train.strategy}.items():
+        client.log_param(run_id, key, value)
+    for row in train.history:
+        for key in ("train_loss", "val_loss", "val_accuracy"):
+            client.log_metric(run_id, key, row[key], step=row["epoch"])
+    metrics = {**evaluation.metrics, "trainable_params": train.trainable_params, "total_params": train.total_params,
+               "train_seconds": train.train_seconds, "train_images_per_second": train.images_per_second,
+               "peak_rss_mb": train.peak_rss_mb}
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    for path in [*evaluation.artifacts, manifest_csv]:
+        client.log_artifact(run_id, path)
+    model_info = log_pyfunc_model(run_id, "model", train.model_dir, {"precision": "fp32"})
+    version_tags = {**tags, "strategy": train.strategy, "run_id": run_id,
+                    **{key: f"{metrics[key]:.6g}" for key in ("test_accuracy", "test_macro_f1")}}
+    version = mlflow.register_model(model_info.model_uri, model_name, tags=version_tags)
+    client.set_terminated(run_id)
+    return RegisteredVersion(train.strategy, run_id, version.version, metrics)
+
+
+def log_pyfunc_model(run_id: str, name: str, model_dir: str, tags: dict[str, str]):
+    """Log the checkpoint or export in `model_dir` as an MLflow pyfunc model (from code) in run `run_id`."""
+    with mlflow.start_run(run_id=run_id):  # log_model needs an active run in this thread
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=str(PROJECT_ROOT / "vitflow" / "mlflow_model.py"),
+            artifacts={"model_dir": model_dir}, code_paths=[str(PROJECT_ROOT / "vitflow")],
+            signature=SIGNATURE, pip_requirements=serving_requirements(), tags=tags)
+
+
+def log_exports(client: MlflowClient, run_id: str, records: list[dict]) -> None:
+    """Each reduced-precision export becomes its own model `model-<precision>` in the strategy's run,
+    tagged with its precision; its agreement with FP32 is logged as metrics."""
+    for record in records:
+        precision = record["precision"]
+        for key in ("top1_agreement", "max_abs_logit_diff", "accuracy", "size_ratio_vs_fp32"):
+            client.log_metric(run_id, f"{precision}_{key}", record[key])
+        client.set_tag(run_id, f"{precision}_compute", record["compute"])
+        log_pyfunc_model(run_id, f"model-{precision}", record["path"],
+                         {"precision": precision, "compute": record["compute"],
+                          "top1_agreement": f"{record['top1_agreement']:.6g}"})
+
+
+def serving_requirements() -> list[str]:
+    """Pinned versions of what loading the model needs, taken from this environment."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in SERVING_PACKAGES]
+
+
+def find_finished_run(client: MlflowClient, experiment_id: str, fingerprint: str) -> str | None:
+    """The flow run that trained with this fingerprint (same data, params and code) and finished, or None.
+
+    A nothing-to-do run points at the run it matched, so a chain of them still names the one that trained.
+    """
+    runs = client.search_runs([experiment_id], f"tags.run_fingerprint = '{fingerprint}' and "
+                              "attributes.status = 'FINISHED'", max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].data.tags.get("same_as_run", runs[0].info.run_id) if runs else None
+
+
+@dataclass
+class TrackingStart:
+    """The flow run's parent run, and what its strategy runs share."""
+
+    experiment_id: str
+    parent_run_id: str
+    same_as_run: str | None  # set when an earlier finished run had the same data, params and code
+    tags: dict[str, str]  # data and code version, model source
+    name: str  # "<model>-{strategy}-<data version>"
+
+    def strategy_run_name(self, strategy: str) -> str:
+        return self.name.format(strategy=strategy)
+
+
+def run_tags(data_version: DataVersion, model_source: str) -> dict[str, str]:
+    """Which data, model and code a run used, as MLflow tags."""
+    tags = {"data_version": data_version.hash, "data_dirty": str(data_version.dirty).lower(),
+            "data_tracked": str(data_version.tracked).lower(), "model_source": model_source, **git_state()}
+    tags["mlflow.source.git.commit"] = tags["git_commit"]
+    return tags
+
+
+def start_tracking(experiment: str, params: dict, data_version: DataVersion, model_source: str,
+                   force: bool) -> TrackingStart:
+    """Create the parent run, or, when data, params and code match a finished run and not `force`,
+    a finished run that records there was nothing to do. Only parent runs carry `run_fingerprint`."""
+    fingerprint = run_fingerprint(data_version.hash, params)
+    model_short = Path(model_source.rstrip("/")).name
+    run_name = f"retrain-{model_short}-{data_version.short}"
+    tags = run_tags(data_version, model_source)
+    parent_tags = {**tags, "run_fingerprint": fingerprint}
+    with tracking_server_errors():
+        client = configure_mlflow()
+        experiment_id = ensure_experiment(client, experiment)
+        previous = None if force else find_finished_run(client, experiment_id, fingerprint)
+        if previous is None:
+            run_id = start_parent_run(client, experiment_id, run_name, params, parent_tags)
+        else:
+            run = client.create_run(experiment_id, run_name=f"{run_name}-nothing-to-do",
+                                    tags={**parent_tags, "nothing_to_do": "true", "same_as_run": previous})
+            client.set_terminated(run.info.run_id)
+            run_id = run.info.run_id
+    return TrackingStart(experiment_id, run_id, previous, tags, f"{model_short}-{{strategy}}-{data_version.short}")
+
+
+def log_run_artifact(client: MlflowClient, run_id: str, path: str, folder: str) -> tuple[str, str]:
+    """Log the file at `path` under `folder` in run `run_id`; returns (its artifact URI, the run's strategy or name)."""
+    client.log_artifact(run_id, path, folder)
+    run = client.get_run(run_id)
+    name = run.data.tags.get("strategy") or run.info.run_name or run_id
+    return f"{run.info.artifact_uri}/{folder}/{Path(path).name}", name

@@ -6,7 +6,10 @@ says (uint8 [3, S, S]); `normalize` applies the model's own mean and std.
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -46,15 +49,31 @@ def resize_and_crop(image: Image.Image, data_config: DataConfig) -> torch.Tensor
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def load_image(path: Path | str, data_config: DataConfig) -> torch.Tensor:
-    """One image file, ready for the model apart from normalisation: uint8 [3, S, S].
-
-    A file that is missing or not a readable image is a VitflowError naming it."""
+def load_image(image_file: Path | str | BinaryIO, data_config: DataConfig) -> torch.Tensor:
+    """One encoded image (a file path or a binary stream), ready for the model apart from normalisation:
+    uint8 [3, S, S]. A file that is missing or not a readable image is a VitflowError naming it."""
     try:
-        with Image.open(path) as image:
+        with Image.open(image_file) as image:
             return resize_and_crop(to_rgb(image), data_config)
     except OSError as error:
-        raise VitflowError(f"{path}: not a readable image ({error})") from None
+        raise VitflowError(f"{getattr(image_file, 'name', image_file)}: not a readable image ({error})") from None
+
+
+def inspect_image(image_file: Path | BinaryIO, decode: bool = True) -> tuple[str, int, int, str, str]:
+    """(md5, width, height, mode, reason) of one encoded image; fully decodes it when `decode`.
+
+    An empty reason means usable; otherwise it says why the image cannot be read.
+    """
+    data = image_file.read_bytes() if isinstance(image_file, Path) else image_file.read()
+    checksum = hashlib.md5(data).hexdigest()
+    if not decode:
+        return checksum, 0, 0, "", ""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return checksum, image.width, image.height, image.mode, ""
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return checksum, 0, 0, "", " ".join(f"unreadable image: {type(error).__name__}: {error}".split())
 
 
 def normalize(images: torch.Tensor, data_config: DataConfig) -> torch.Tensor:

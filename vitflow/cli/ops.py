@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vitflow.config import PARAMS_FILE
 from vitflow.errors import VitflowError
+from vitflow.paths import PARAMS_FILE
 
 DEFAULT_DEPLOYMENT = "scheduled"
 
 
-def add_ops_commands(commands) -> None:
+def add_commands(commands) -> None:
     """Add `serve` to the `add_subparsers()` object `commands`."""
     serve = commands.add_parser("serve", help="serve the retrain flow on a cron schedule (needs a Prefect server)")
     serve.add_argument("--cron", required=True, help='when to retrain, e.g. "0 3 * * 1" (Mondays at 03:00)')
@@ -67,11 +67,11 @@ def prefect_api_url() -> str:
 def serve_command(args: argparse.Namespace) -> int:
     from prefect.types.entrypoint import EntrypointType
 
-    from vitflow.config import load_params
+    from vitflow.preflight import plan_run
 
     schedule = cron_schedule(args.cron, args.timezone)
     params_file = str(Path(args.params).resolve())
-    load_params(params_file, args.set)  # a bad setting fails now, not at the first scheduled run
+    plan_run(params_file, args.set)  # a bad setting fails now, not at the first scheduled run
     url = prefect_api_url()
     from flows.retrain import retrain  # slow: torch, transformers, MLflow
 

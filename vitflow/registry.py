@@ -1,9 +1,12 @@
-"""Look after the registered model by hand: list its versions, move `champion` with a history, compare strategies.
+"""The model registry: promotion by rule, champion moves with a history, rollback, listing versions.
 
-In: an `MlflowClient` (see `vitflow.tracking.configure_mlflow`), a registered model name, an experiment name.
-Out: pandas tables of versions and strategy runs, a scatter plot, a Prefect table artifact, and
-champion moves recorded in the registered-model tag `champion_history` (a JSON list, newest last)
-and in tags on the version that took the alias.
+Each flow run's best new version gets the alias `challenger`; it takes `champion` only when there is none
+yet, or when it beats the champion on the test split of the same data version by more than
+`registry.min_improvement` (a champion evaluated on other data is re-scored on this test split first).
+
+In: an `MlflowClient` (see `vitflow.tracking.configure_mlflow`) and a registered model name.
+Out: a table of versions, and champion moves recorded in the registered-model tag `champion_history`
+(a JSON list, newest last) and in tags on the version that took the alias.
 
 Each history entry: id, version, previous (the champion it replaced), restores (where a rollback
 from it goes), action (promote | rollback), actor, at (UTC ISO), reason.
@@ -14,29 +17,29 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from prefect import task
 
-from tasks.data import short_hash
-from vitflow.cli_registry import FORMATS
+from vitflow.data.cache import load_split
+from vitflow.data.versioning import short_hash
 from vitflow.errors import VitflowError
+from vitflow.evaluation import evaluate_model
+from vitflow.tracking import RegisteredVersion
 
 CHAMPION = "champion"
+CHALLENGER = "challenger"
 HISTORY_TAG = "champion_history"
 # MLflow's client accepts registered-model tag values up to 100,000 characters, but its SQL
 # stores keep them in a VARCHAR(5000) column (only SQLite ignores the length): stay under that.
 HISTORY_MAX_CHARS = 5000
 HISTORY_REASON_CHARS = 200  # the full reason goes on the version's `promotion_reason` tag
-RUN_PARAMS = ("epochs", "lr_backbone", "lr_head", "batch_size", "partial_blocks")  # under `train.`
-RUN_METRICS = ("test_accuracy", "test_macro_f1", "train_seconds", "latency_ms_per_image", "trainable_params")
-MARKERS = "osD^v<>pPX"  # one per strategy in the plot, with a colour each
-ARTIFACT_KEY = "strategy-comparison"
 
 
 def registered_model(client: MlflowClient, model_name: str):
@@ -263,118 +266,82 @@ def best_version(client: MlflowClient, model_name: str, metric: str) -> ModelVer
     return max(versions, key=lambda version: (float(version.tags[key]), int(version.version)))
 
 
-def compare_runs(client: MlflowClient, experiment_name: str, model_name: str,
-                 parent_run_id: str | None = None) -> pd.DataFrame:
-    """One row per strategy run (nested run) of the experiment, oldest first, or of one flow run when
-    `parent_run_id` is given: run_name, model, strategy, data_version, key train params, test metrics,
-    train time, latency, trainable params, duration_s, version (registered, when any), champion, run_id."""
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        raise VitflowError(f"experiment {experiment_name!r} not found; run `vitflow run` first or pass --experiment")
-    versions = client.search_model_versions(f"name='{model_name}'")
-    version_by_run = {version.tags.get("run_id") or version.run_id: int(version.version) for version in versions}
-    champion = champion_number(client, model_name) if versions else None
-    rows = []
-    only = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else ""
-    for run in _all_runs(client, experiment.experiment_id, only):
-        if "mlflow.parentRunId" not in run.data.tags:
-            continue
-        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-        version = version_by_run.get(run.info.run_id)
-        rows.append({"run_name": run.info.run_name,
-                     "model": Path(tags.get("model_source", "").rstrip("/")).name,
-                     "strategy": tags.get("strategy", ""),
-                     "data_version": short_hash(tags.get("data_version")),
-                     **{name: _number(params.get(f"train.{name}")) for name in RUN_PARAMS},
-                     **{name: metrics.get(name) for name in RUN_METRICS},
-                     "duration_s": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
-                     "version": version, "champion": version is not None and str(version) == champion,
-                     "run_id": run.info.run_id, "start_time": run.info.start_time})
-    columns = ["run_name", "model", "strategy", "data_version", *RUN_PARAMS, *RUN_METRICS, "duration_s", "version",
-               "champion", "run_id"]
-    frame = pd.DataFrame(rows, columns=[*columns, "start_time"]).sort_values("start_time", ignore_index=True)
-    frame["version"] = frame["version"].astype("Int64")
-    for name in (*RUN_METRICS, "duration_s"):
-        frame[name] = frame[name].astype(float)
-    return frame[columns]
+@dataclass
+class PromotionDecision:
+    challenger: str  # model version
+    champion_before: str | None
+    promoted: bool
+    reason: str
 
 
-def _all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
-    """Every run of the experiment that matches `filter_string`, following MLflow's pages."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+def decide_promotion(challenger_score: float, champion_score: float | None, min_improvement: float) -> tuple[bool, str]:
+    """Whether the challenger takes `champion`, and why (the scores are on the same test split)."""
+    if champion_score is None:
+        return True, "no champion yet"
+    if challenger_score > champion_score + min_improvement:
+        return True, f"beats the champion: {challenger_score:.4f} > {champion_score:.4f} + {min_improvement}"
+    return False, f"does not beat the champion: {challenger_score:.4f} <= {champion_score:.4f} + {min_improvement}"
 
 
-def _number(text: str | None) -> int | float | str | None:
-    """A logged param ("3", "2e-05") as a number when it is one."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except (TypeError, ValueError):
-            pass
-    return text
+def promote(client: MlflowClient, model_name: str, candidates: list[RegisteredVersion], metric: str,
+            min_improvement: float, data_version: str, champion_score_on_current_test) -> PromotionDecision:
+    """Give the best candidate `challenger`, and `champion` when `decide_promotion` says so.
+
+    `champion_score_on_current_test(version)` scores the current champion on this flow run's
+    test split; it is called only when the champion was evaluated on another data version.
+    """
+    key = f"test_{metric}"
+    best = max(candidates, key=lambda candidate: candidate.metrics[key])
+    client.set_registered_model_alias(model_name, CHALLENGER, best.version)
+    current = champion_version(client, model_name)
+    champion_score = None
+    if current is not None:
+        if current.tags.get("data_version") == data_version and key in current.tags:
+            champion_score = float(current.tags[key])
+        else:
+            champion_score = champion_score_on_current_test(current)
+    promoted, reason = decide_promotion(best.metrics[key], champion_score, min_improvement)
+    if promoted:
+        # force: the score comparison above already covers a champion from another data version
+        promote_version(client, model_name, best.version, reason, "retrain flow", force=True)
+    for candidate in candidates:
+        if candidate is best:
+            decision, why = ("promoted to champion" if promoted else "challenger, not promoted"), reason
+        else:
+            decision, why = "not selected", f"{key} {candidate.metrics[key]:.4f} below the best new version"
+        client.set_model_version_tag(model_name, candidate.version, "decision", decision)
+        client.set_model_version_tag(model_name, candidate.version, "decision_reason", why)
+    return PromotionDecision(challenger=best.version, champion_before=current.version if current else None,
+                             promoted=promoted, reason=reason)
 
 
-def render(frame: pd.DataFrame, fmt: str) -> str:
-    """`frame` as text: "table" (aligned), "csv", "md" (Markdown) or "html"."""
-    if fmt == "table":
-        return frame.to_string(index=False, float_format=lambda value: f"{value:.4g}")
-    if fmt == "csv":
-        return frame.to_csv(index=False)
-    if fmt == "md":
-        return frame.to_markdown(index=False, floatfmt=".4g")
-    if fmt == "html":
-        return frame.to_html(index=False, float_format=lambda value: f"{value:.4g}")
-    raise VitflowError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+def champion_rescorer(model_name: str, metric: str, cache_file: str, batch_size: int,
+                      out_dir: Path | str) -> Callable[[ModelVersion], float]:
+    """For `promote`: scores a registered version on the test split of the preprocessed `cache_file`."""
+    from vitflow.serving import load_logged_model
+
+    def score(version: ModelVersion) -> float:
+        model = load_logged_model(f"models:/{model_name}/{version.version}")
+        result = evaluate_model(model, load_split(cache_file, "test"), out_dir, batch_size)
+        return result.metrics[f"test_{metric}"]
+
+    return score
 
 
-def plot_accuracy_vs_time(frame: pd.DataFrame, path: Path | str) -> Path:
-    """Scatter of test accuracy against training time from `compare_runs`, one colour and marker per
-    strategy, each point labelled with its registered version (or run name); written as PNG to `path`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    axes = fig.add_subplot()
-    for index, (strategy, runs) in enumerate(frame.groupby("strategy", sort=True)):
-        axes.scatter(runs["train_seconds"], runs["test_accuracy"], color=f"C{index % 10}",
-                     marker=MARKERS[index % len(MARKERS)], s=60, label=strategy)
-        for _, run in runs.iterrows():
-            label = f"v{run['version']}" if pd.notna(run["version"]) else run["run_name"]
-            if run["champion"]:
-                label += " (champion)"
-            axes.annotate(label, (run["train_seconds"], run["test_accuracy"]), xytext=(5, 4),
-                          textcoords="offset points", fontsize=8)
-    axes.set_xlabel("training time (s)")
-    axes.set_ylabel("test accuracy")
-    axes.set_title("Test accuracy vs training time, per strategy")
-    axes.grid(alpha=0.3)
-    axes.legend(title="strategy")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png", dpi=100)
-    return path
+def record_decision(client: MlflowClient, parent_run_id: str, decision: PromotionDecision) -> None:
+    """Note the decision on the flow run's parent run and end it as finished."""
+    outcome = "promoted" if decision.promoted else "not promoted"
+    client.set_tag(parent_run_id, "promotion", f"v{decision.challenger} {outcome}: {decision.reason}")
+    client.set_terminated(parent_run_id)
 
 
-def publish_comparison_artifact(frame: pd.DataFrame) -> None:
-    """Publish `frame` (from `compare_runs`) as the Prefect table artifact `strategy-comparison`.
-    Values go through JSON first: NaN and missing become null, numpy numbers plain ones."""
-    from prefect.artifacts import create_table_artifact
-
-    rows = json.loads(frame.to_json(orient="records", date_format="iso"))
-    create_table_artifact(table=rows, key=ARTIFACT_KEY,
-                          description="Strategies compared: test metrics, training time, latency, registry version")
-
-
-@task(name="publish-comparison")
-def publish_comparison_task(experiment_name: str, model_name: str, parent_run_id: str) -> None:
-    """The flow run's strategy runs as the `strategy-comparison` table artifact."""
-    from vitflow.tracking import configure_mlflow
-
-    publish_comparison_artifact(compare_runs(configure_mlflow(), experiment_name, model_name, parent_run_id))
+def exported_model_uri(client: MlflowClient, run_id: str, precision: str) -> str:
+    """The `models:/<id>` URI of run `run_id`'s export at `precision`."""
+    name = "model" if precision == "fp32" else f"model-{precision}"
+    experiment_id = client.get_run(run_id).info.experiment_id
+    found = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
+                                        filter_string=f"name = '{name}' AND source_run_id = '{run_id}'")
+    if not found:
+        raise VitflowError(f"run {run_id} has no {precision} export; add it to export.precisions in params.yaml "
+                           "and run `vitflow run --force`")
+    return f"models:/{found[0].model_id}"

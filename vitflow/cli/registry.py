@@ -14,13 +14,13 @@ import argparse
 import getpass
 import sys
 
-from vitflow.config import PARAMS_FILE, load_params
+from vitflow.config import load_config
 from vitflow.errors import VitflowError
+from vitflow.paths import PARAMS_FILE
+from vitflow.reporting import FORMATS
 
-FORMATS = ("table", "csv", "md", "html")
 
-
-def add_registry_commands(commands) -> None:
+def add_commands(commands) -> None:
     """Add models, promote, rollback and compare to the `add_subparsers()` object `commands`."""
     models = commands.add_parser("models", help="list the registered versions; the champion is marked")
     _add_common(models)
@@ -55,11 +55,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _setup(args: argparse.Namespace):
-    """(MLflow client, params, model name) for a registry command."""
+    """(MLflow client, config, model name) for a registry command."""
     from vitflow.tracking import configure_mlflow
 
-    params = load_params(args.params)
-    return configure_mlflow(), params, args.name or params["registry"]["model_name"]
+    config = load_config(args.params)
+    return configure_mlflow(), config, args.name or config.registry.model_name
 
 
 def _actor() -> str:
@@ -79,7 +79,7 @@ def _describe(model_name: str, entry: dict) -> str:
 
 
 def models_command(args: argparse.Namespace) -> int:
-    from tasks.registry_ops import CHAMPION, list_versions
+    from vitflow.registry import CHAMPION, list_versions
 
     client, _, model_name = _setup(args)
     frame = list_versions(client, model_name)
@@ -95,13 +95,13 @@ def models_command(args: argparse.Namespace) -> int:
 
 
 def promote_command(args: argparse.Namespace) -> int:
-    from tasks.registry_ops import best_version, champion_number, promote_version
+    from vitflow.registry import best_version, champion_number, promote_version
 
-    client, params, model_name = _setup(args)
+    client, config, model_name = _setup(args)
     version, reason = args.version, args.reason
     if args.best:
-        key = f"test_{params['registry']['metric']}"
-        best = best_version(client, model_name, params["registry"]["metric"])
+        key = f"test_{config.registry.metric}"
+        best = best_version(client, model_name, config.registry.metric)
         version = str(best.version)
         if champion_number(client, model_name) == version:
             print(f"v{version} ({key} {best.tags[key]}) is already the champion of {model_name}; nothing to do")
@@ -113,7 +113,7 @@ def promote_command(args: argparse.Namespace) -> int:
 
 
 def rollback_command(args: argparse.Namespace) -> int:
-    from tasks.registry_ops import rollback
+    from vitflow.registry import rollback
 
     client, _, model_name = _setup(args)
     print(_describe(model_name, rollback(client, model_name, _actor(), args.reason)))
@@ -121,10 +121,10 @@ def rollback_command(args: argparse.Namespace) -> int:
 
 
 def compare_command(args: argparse.Namespace) -> int:
-    from tasks.registry_ops import compare_runs, plot_accuracy_vs_time, render
+    from vitflow.reporting import compare_runs, plot_accuracy_vs_time, render
 
-    client, params, model_name = _setup(args)
-    experiment = args.experiment or params["mlflow"]["experiment"]
+    client, config, model_name = _setup(args)
+    experiment = args.experiment or config.mlflow.experiment
     frame = compare_runs(client, experiment, model_name)
     if frame.empty:
         raise VitflowError(f"experiment {experiment!r} has no strategy runs yet; run `vitflow run` first")

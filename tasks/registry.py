@@ -1,0 +1,31 @@
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from tasks.policy import tracking_task
+from vitflow.config import RegistryConfig
+from vitflow.paths import work_dir
+from vitflow.registry import PromotionDecision, champion_rescorer, promote, record_decision
+from vitflow.reporting import compare_runs, table_rows
+from vitflow.tracking import RegisteredVersion, configure_mlflow, tracking_server_errors
+
+
+@tracking_task(name="promote")
+def promote_task(parent_run_id: str, registry: RegistryConfig, candidates: list[RegisteredVersion],
+                 data_version: str, cache_file: str, eval_batch_size: int) -> PromotionDecision:
+    """Promote by the rule, re-scoring an older champion on this run's test split when needed."""
+    rescore = champion_rescorer(registry.model_name, registry.metric, cache_file, eval_batch_size,
+                                work_dir() / "champion-eval")
+    with tracking_server_errors():
+        client = configure_mlflow()
+        decision = promote(client, registry.model_name, candidates, registry.metric, registry.min_improvement,
+                           data_version, rescore)
+        record_decision(client, parent_run_id, decision)
+    return decision
+
+
+@task(name="publish-comparison")
+def publish_comparison_task(experiment_name: str, model_name: str, parent_run_id: str) -> None:
+    """The flow run's strategy runs as the table artifact `strategy-comparison`."""
+    frame = compare_runs(configure_mlflow(), experiment_name, model_name, parent_run_id)
+    create_table_artifact(table=table_rows(frame), key="strategy-comparison",
+                          description="Strategies compared: test metrics, training time, latency, registry version")

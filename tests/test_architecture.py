@@ -1,0 +1,58 @@
+"""The shape of the code: what importing the library does, and what each registry makes pluggable."""
+
+import json
+import os
+import subprocess
+import sys
+
+from vitflow.data.sources import SOURCES
+from vitflow.models import BACKENDS
+from vitflow.paths import PROJECT_ROOT
+from vitflow.training.strategies import STRATEGIES
+from vitflow.training.strategies.base import Strategy
+
+LIBRARY = ["vitflow", "vitflow.config", "vitflow.data.manifest", "vitflow.data.cache", "vitflow.models",
+           "vitflow.training.loop", "vitflow.evaluation", "vitflow.explain.heatmaps", "vitflow.export",
+           "vitflow.tracking", "vitflow.registry", "vitflow.reporting", "vitflow.serving", "vitflow.loading",
+           "vitflow.preflight", "vitflow.stages"]
+
+
+def test_importing_the_library_writes_nothing_and_sets_no_environment_variable(tmp_path):
+    """As `mlflow models serve` loads a registered model: no Prefect home appears, os.environ is untouched."""
+    work = tmp_path / "work"
+    script = ("import json, os, sys; before = dict(os.environ); "
+              f"[__import__(name) for name in {LIBRARY!r}]; "
+              "print(json.dumps({'changed': sorted(k for k in set(before) | set(os.environ) "
+              "if before.get(k) != os.environ.get(k)), 'prefect': 'prefect' in sys.modules}))")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env["VITFLOW_WORK_DIR"] = str(work)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"changed": [], "prefect": False}
+    assert not work.exists() and not list(tmp_path.iterdir())
+
+
+def test_the_import_contracts_hold():
+    """cli -> flows -> tasks -> library; the core imports neither Prefect nor MLflow; no cycles (import-linter)."""
+    lint_imports = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    done = subprocess.run([lint_imports, "--no-cache"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "0 broken" in done.stdout
+
+
+def test_every_registered_strategy_declares_what_trains():
+    assert set(STRATEGIES) >= {"full", "partial", "feature_extraction"}
+    for name, strategy in STRATEGIES.items():
+        assert isinstance(strategy, Strategy) and strategy.name == name
+        assert strategy.Options.model_config.get("extra") == "forbid", name  # a misspelt setting is refused
+
+
+def test_every_backend_and_source_implements_its_protocol():
+    for name, backend in BACKENDS.items():
+        assert backend.name == name
+        for function in ("load", "recognises_checkpoint", "recognises_name", "owns", "run_with_attentions"):
+            assert callable(getattr(backend, function)), (name, function)
+    for name, source in SOURCES.items():
+        assert source.name == name and source.description

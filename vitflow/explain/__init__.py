@@ -1,0 +1,1 @@
+"""Explanations: rollout math (`rollout`), attention capture (`capture`), heatmaps (`heatmaps`), drawing (`figures`)."""

@@ -1,0 +1,45 @@
+"""Check a run before any work starts: every setting, the strategies, the data path and the model source.
+
+`plan_run` is what the CLI calls before starting Prefect, and what the flow calls first, so that bad input
+fails in about the time it takes to import this module, in one line naming the file or setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitflow.config import Config, load_config
+from vitflow.data.sources import detect_source
+from vitflow.errors import VitflowError
+from vitflow.models import resolve_backend
+from vitflow.paths import PARAMS_FILE, project_path
+from vitflow.training.strategies import ResolvedStrategy, check_train_config
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    config: Config
+    strategies: list[ResolvedStrategy]
+    data_path: Path
+    model_source: str  # a project directory as an absolute path; ids and names as given
+    builds_foundation: bool  # the model is the default backbone, rebuilt by DVC's `foundation` stage
+
+
+def plan_run(params_file: Path | str = PARAMS_FILE, overrides: list[str] | None = None) -> RunPlan:
+    """The checked config and what the run will use; a VitflowError for the first problem found."""
+    config = load_config(params_file, overrides)
+    strategies = check_train_config(config.train, str(params_file))
+    data_path = project_path(config.data.path)
+    if data_path.exists():
+        detect_source(data_path)
+    elif not data_path.with_name(f"{data_path.name}.dvc").is_file():
+        raise VitflowError(f"{data_path}: data not found; set data.path or pass --data")
+    foundation = project_path(config.foundation.output)
+    source = config.model.source
+    in_project = project_path(source)
+    builds_foundation = in_project == foundation
+    model_source = str(in_project) if in_project.exists() or builds_foundation else source
+    if not builds_foundation:
+        resolve_backend(model_source)
+    return RunPlan(config, strategies, data_path, model_source, builds_foundation)

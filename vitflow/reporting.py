@@ -1,0 +1,124 @@
+"""Reports over the tracked runs: a comparison table of strategy runs, rendered as text, and a plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from vitflow.data.versioning import short_hash
+from vitflow.errors import VitflowError
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+FORMATS = ("table", "csv", "md", "html")
+RUN_PARAMS = ("epochs", "lr_backbone", "lr_head", "batch_size")  # under `train.`
+RUN_METRICS = ("test_accuracy", "test_macro_f1", "train_seconds", "latency_ms_per_image", "trainable_params")
+MARKERS = "osD^v<>pPX"  # one per strategy in the plot, with a colour each
+
+
+def compare_runs(client: MlflowClient, experiment_name: str, model_name: str,
+                 parent_run_id: str | None = None) -> pd.DataFrame:
+    """One row per strategy run (nested run) of the experiment, oldest first, or of one flow run when
+    `parent_run_id` is given: run_name, model, strategy, data_version, key train params, test metrics,
+    train time, latency, trainable params, duration_s, version (registered, when any), champion, run_id."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise VitflowError(f"experiment {experiment_name!r} not found; run `vitflow run` first or pass --experiment")
+    versions = client.search_model_versions(f"name='{model_name}'")
+    version_by_run = {version.tags.get("run_id") or version.run_id: int(version.version) for version in versions}
+    champion = str(client.get_registered_model(model_name).aliases.get("champion", "")) if versions else None
+    rows = []
+    only = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else ""
+    for run in _all_runs(client, experiment.experiment_id, only):
+        if "mlflow.parentRunId" not in run.data.tags:
+            continue
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        version = version_by_run.get(run.info.run_id)
+        rows.append({"run_name": run.info.run_name,
+                     "model": Path(tags.get("model_source", "").rstrip("/")).name,
+                     "strategy": tags.get("strategy", ""),
+                     "data_version": short_hash(tags.get("data_version")),
+                     **{name: _number(params.get(f"train.{name}")) for name in RUN_PARAMS},
+                     **{name: metrics.get(name) for name in RUN_METRICS},
+                     "duration_s": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
+                     "version": version, "champion": version is not None and str(version) == champion,
+                     "run_id": run.info.run_id, "start_time": run.info.start_time})
+    columns = ["run_name", "model", "strategy", "data_version", *RUN_PARAMS, *RUN_METRICS, "duration_s", "version",
+               "champion", "run_id"]
+    frame = pd.DataFrame(rows, columns=[*columns, "start_time"]).sort_values("start_time", ignore_index=True)
+    frame["version"] = frame["version"].astype("Int64")
+    for name in (*RUN_METRICS, "duration_s"):
+        frame[name] = frame[name].astype(float)
+    return frame[columns]
+
+
+def _all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
+    """Every run of the experiment that matches `filter_string`, following MLflow's pages."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _number(text: str | None) -> int | float | str | None:
+    """A logged param ("3", "2e-05") as a number when it is one."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
+
+
+def render(frame: pd.DataFrame, fmt: str) -> str:
+    """`frame` as text: "table" (aligned), "csv", "md" (Markdown) or "html"."""
+    if fmt == "table":
+        return frame.to_string(index=False, float_format=lambda value: f"{value:.4g}")
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if fmt == "md":
+        return frame.to_markdown(index=False, floatfmt=".4g")
+    if fmt == "html":
+        return frame.to_html(index=False, float_format=lambda value: f"{value:.4g}")
+    raise VitflowError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
+def plot_accuracy_vs_time(frame: pd.DataFrame, path: Path | str) -> Path:
+    """Scatter of test accuracy against training time from `compare_runs`, one colour and marker per
+    strategy, each point labelled with its registered version (or run name); written as PNG to `path`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    axes = fig.add_subplot()
+    for index, (strategy, runs) in enumerate(frame.groupby("strategy", sort=True)):
+        axes.scatter(runs["train_seconds"], runs["test_accuracy"], color=f"C{index % 10}",
+                     marker=MARKERS[index % len(MARKERS)], s=60, label=strategy)
+        for _, run in runs.iterrows():
+            label = f"v{run['version']}" if pd.notna(run["version"]) else run["run_name"]
+            if run["champion"]:
+                label += " (champion)"
+            axes.annotate(label, (run["train_seconds"], run["test_accuracy"]), xytext=(5, 4),
+                          textcoords="offset points", fontsize=8)
+    axes.set_xlabel("training time (s)")
+    axes.set_ylabel("test accuracy")
+    axes.set_title("Test accuracy vs training time, per strategy")
+    axes.grid(alpha=0.3)
+    axes.legend(title="strategy")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def table_rows(frame: pd.DataFrame) -> list[dict]:
+    """`frame` as JSON-ready rows: NaN and missing become null, numpy numbers plain ones."""
+    return json.loads(frame.to_json(orient="records", date_format="iso"))
