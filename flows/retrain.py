@@ -18,11 +18,12 @@ from tasks.evaluate import evaluate_task
 from tasks.explain import rollout_task
 from tasks.export import export_task
 from tasks.foundation import foundation_task
+from tasks.lifecycle import end_run_records, release_run_lock
 from tasks.preprocess import inspect_model_task, plan_task, preprocess_task
-from tasks.registry import promote_task, publish_comparison_task
+from tasks.registry import model_name_task, promote_task, publish_comparison_task
 from tasks.tracking import log_exports_task, log_strategy_task, start_tracking_task
 from tasks.train import fine_tune_task
-from vitflow.config import Config
+from vitflow.config import Config, ModelConfig
 from vitflow.errors import VitflowError
 from vitflow.paths import PARAMS_FILE, work_dir
 from vitflow.tracking import RegisteredVersion, TrackingStart
@@ -34,9 +35,10 @@ class StrategyBranch:
 
     config: Config
     tracking: TrackingStart
-    model_source: str
+    model: ModelConfig  # with the source resolved
     cache_file: str
     manifest_csv: str
+    model_name: str  # the registered model this data's label set goes to
 
 
 @task(name="strategy", task_run_name="{strategy}")
@@ -47,11 +49,10 @@ def strategy_task(strategy: str, branch: StrategyBranch) -> RegisteredVersion:
     (threads by default, or Dask workers on other machines).
     """
     config = branch.config
-    trained = fine_tune_task(branch.model_source, config.preprocess.image_size, branch.cache_file, strategy,
-                             config.train, config.model.trust_remote_code)
+    trained = fine_tune_task(branch.model, config.preprocess.image_size, branch.cache_file, strategy, config.train)
     evaluation = evaluate_task(trained.model_dir, branch.cache_file, config.evaluate.batch_size, trained.history)
     version = log_strategy_task(branch.tracking, trained, evaluation, config.as_dict(), branch.manifest_csv,
-                                config.registry.model_name)
+                                branch.model_name)
     rollout_task(trained.model_dir, branch.cache_file, version.run_id, config.explain)
     exports = export_task(trained.model_dir, branch.cache_file, config.export, config.evaluate.batch_size)
     log_exports_task(version.run_id, exports)
@@ -73,7 +74,8 @@ def task_runner(kind: str = "threads", workers: int = 1, dask_address: str | Non
     raise VitflowError(f"task runner {kind!r}: use threads or dask")
 
 
-@flow(name="retrain", task_runner=task_runner())
+@flow(name="retrain", task_runner=task_runner(), on_completion=[release_run_lock],
+      on_failure=[end_run_records], on_crashed=[end_run_records], on_cancellation=[end_run_records])
 def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FILE), force: bool = False) -> dict:
     """Run the whole pipeline with params.yaml plus `overrides`; returns a summary for the CLI.
 
@@ -85,25 +87,25 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
     if plan.builds_foundation:
         foundation_task()
     data_version = version_data_task(str(plan.data_path))
-    tracking = start_tracking_task(config.mlflow.experiment, config.as_dict(), data_version, config.model.source,
-                                   force)
+    tracking = start_tracking_task(config.mlflow, config.as_dict(), data_version, config.model.source, force)
     summary = {"parent_run_id": tracking.parent_run_id, "experiment_id": tracking.experiment_id,
-               "data_version": data_version.hash, "model_name": config.registry.model_name}
+               "data_version": data_version.hash}
     if tracking.same_as_run:
         return {**summary, "nothing_to_do": True, "same_as_run": tracking.same_as_run}
 
     manifest_csv = str(work_dir() / "manifests" / f"{data_version.short}.csv")
     manifest = build_manifest_task(str(plan.data_path), config.data, manifest_csv)
-    data_config = inspect_model_task(plan.model_source, config.preprocess.image_size, config.model.trust_remote_code)
+    model_name = model_name_task(config.registry, manifest)
+    data_config = inspect_model_task(plan.model, config.preprocess.image_size)
     cache_file = preprocess_task(manifest, str(plan.data_path), data_version.hash, data_config,
                                  str(work_dir() / "cache"))
 
-    branch = StrategyBranch(config, tracking, plan.model_source, cache_file, manifest_csv)
+    branch = StrategyBranch(config, tracking, plan.model, cache_file, manifest_csv, model_name)
     futures = [strategy_task.submit(strategy.name, branch) for strategy in plan.strategies]
     registered = [future.result() for future in futures]
 
-    decision = promote_task(tracking.parent_run_id, config.registry, registered, data_version.hash, cache_file,
-                            config.evaluate.batch_size)
-    publish_comparison_task(config.mlflow.experiment, config.registry.model_name, tracking.parent_run_id)
+    decision = promote_task(tracking.parent_run_id, model_name, config.registry, registered, data_version.hash,
+                            cache_file, config.evaluate.batch_size)
+    publish_comparison_task(config.mlflow.experiment, model_name, tracking.parent_run_id)
     return {**summary, "nothing_to_do": False, "registered": registered, "decision": decision,
-            "skipped_images": int((manifest["status"] != "ok").sum())}
+            "model_name": model_name, "skipped_images": int((manifest["status"] != "ok").sum())}

@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.params, args.overrides)
-        result = train_from_cache(args.model or config.model.source, load_labels(args.cache),
-                                  config.preprocess.image_size, args.cache, resolve(config.train, args.strategy),
-                                  args.out, config.model.trust_remote_code, progress=distributed.is_main())
+        model = config.model.model_copy(update={"source": args.model}) if args.model else config.model
+        result = train_from_cache(model, load_labels(args.cache), config.preprocess.image_size, args.cache,
+                                  resolve(config.train, args.strategy), args.out, progress=distributed.is_main())
     except VitflowError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

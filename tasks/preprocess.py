@@ -3,9 +3,10 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
+from vitflow.config import ModelConfig
 from vitflow.data.cache import cache_key, preprocess_dataset
 from vitflow.data.manifest import class_labels
-from vitflow.models import DataConfig, load_model
+from vitflow.models import DataConfig, load_pretrained
 from vitflow.preflight import RunPlan, plan_run
 
 
@@ -16,9 +17,9 @@ def plan_task(params_file: str, overrides: list[str] | None) -> RunPlan:
 
 
 @task(name="inspect-model")
-def inspect_model_task(model_source: str, image_size: int | None, trust_remote_code: bool) -> DataConfig:
+def inspect_model_task(model: ModelConfig, image_size: int | None) -> DataConfig:
     """Load the pretrained model once to read the preprocessing that travels with it."""
-    return load_model(model_source, image_size=image_size, trust_remote_code=trust_remote_code).data_config
+    return load_pretrained(model, image_size=image_size).data_config
 
 
 @task(name="preprocess")

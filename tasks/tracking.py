@@ -1,4 +1,6 @@
+from tasks.lifecycle import mark_crashed, owner
 from tasks.policy import tracking_task
+from vitflow.config import MlflowConfig
 from vitflow.data.versioning import DataVersion
 from vitflow.evaluation import EvalResult
 from vitflow.tracking import (
@@ -13,10 +15,15 @@ from vitflow.tracking import (
 from vitflow.training.loop import TrainResult
 
 
-@tracking_task(name="start-tracking")
-def start_tracking_task(experiment: str, params: dict, data_version: DataVersion, model_source: str,
+@tracking_task(name="start-tracking", log_prints=True)
+def start_tracking_task(settings: MlflowConfig, params: dict, data_version: DataVersion, model_source: str,
                         force: bool) -> TrackingStart:
-    return start_tracking(experiment, params, data_version, model_source, force)
+    """The parent run, once no identical run is running; closes runs a killed process left RUNNING."""
+    tracking = start_tracking(settings, params, data_version, model_source, force, owner())
+    for closed in tracking.closed:
+        print(f"closed MLflow run {closed.run_id} as KILLED: {closed.reason}")
+    mark_crashed(tracking.closed)
+    return tracking
 
 
 @tracking_task(name="log-and-register")

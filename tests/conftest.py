@@ -82,3 +82,20 @@ def tiny_timm_model(session_dir) -> Path:
 def pneumonia_folder(session_dir) -> Path:
     """train 60 + val 20 + test 30 images per class of real chest X-rays (28x28 grayscale)."""
     return write_pneumonia_folder(session_dir / "pneumonia", {"train": 60, "val": 20, "test": 30})
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> str:
+    """A `prefect server start` of the session's own, on a free loopback port; its API URL."""
+    import sys
+
+    from servers import free_port, running
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url}
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+               "--no-ui"]
+    with running(command, env, home / "server.log", health_url=f"{url}/health", timeout=120):
+        yield url

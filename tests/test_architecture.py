@@ -30,7 +30,8 @@ def test_importing_the_library_writes_nothing_and_sets_no_environment_variable(t
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report == {"changed": [], "prefect": False}
+    set_by_mlflow_itself = {"_MLFLOW_TELEMETRY_SESSION_ID"}  # on its own import, whoever imports it
+    assert set(report["changed"]) <= set_by_mlflow_itself and report["prefect"] is False
     assert not work.exists() and not list(tmp_path.iterdir())
 
 

@@ -78,7 +78,7 @@ def test_explain_writes_an_overlay_for_one_image(tiny_hf_model, tmp_path, capsys
     (["--model", "/nowhere/model"], "/nowhere/model: not a model directory"),
 ])
 def test_bad_run_input_is_one_line_before_prefect_starts(args, says, tmp_path):
-    """A fresh process, as a user runs it: one line on stderr, exit 2, and Prefect never started (its home stays empty)."""
+    """A fresh process, as a user runs it: one line on stderr, exit 2, and Prefect never started."""
     import os
     import subprocess
     import sys

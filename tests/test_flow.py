@@ -1,6 +1,8 @@
 """End to end: the real `retrain` flow on Prefect's ephemeral server, a SQLite MLflow store,
 a tiny transformers ViT and a slice of real chest X-rays."""
 
+import json
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -86,13 +88,16 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumon
     assert retrain(overrides=base_overrides)["same_as_run"] == first["parent_run_id"]  # not the nothing-to-do run
     assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 6
 
-    # Forced, the first configuration reuses the finished trainings instead of training again.
+    # Forced, the first configuration reuses the finished trainings and their versions instead of repeating them.
     third = retrain(overrides=base_overrides, force=True)
     seconds = {item.strategy: item.metrics["train_seconds"] for item in first["registered"]}
     assert {item.strategy: item.metrics["train_seconds"] for item in third["registered"]} == seconds
-    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 9
+    assert {item.version for item in third["registered"]} == {item.version for item in first["registered"]}
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 6
+    assert client.get_model_version(MODEL_NAME, best.version).tags["decision"] == "champion"
 
 
+@pytest.mark.slow
 def test_strategies_run_on_a_local_dask_cluster(base_overrides):
     """The strategy branches go to two Dask worker processes on loopback and still log and register."""
     from flows.retrain import task_runner
@@ -107,3 +112,23 @@ def test_strategies_run_on_a_local_dask_cluster(base_overrides):
     assert {run.data.tags["strategy"] for run in children} == STRATEGIES
     assert len(client.search_model_versions("name='dask-classifier'")) == 3
     assert client.get_model_version_by_alias("dask-classifier", "champion").version == summary["decision"].challenger
+
+
+def test_data_with_another_label_set_gets_its_own_registered_model(base_overrides, pneumonia_folder, tmp_path):
+    """Renamed classes must not replace the champion of MODEL_NAME (whose classes a user's predict relies on)."""
+    import shutil
+
+    client = MlflowClient(tracking_uri(), tracking_uri())
+    renamed = tmp_path / "renamed"
+    for split in ("train", "val", "test"):
+        for old, new in (("normal", "clear"), ("pneumonia", "opaque")):
+            shutil.copytree(pneumonia_folder / split / old, renamed / split / new)
+    champion_before = client.get_model_version_by_alias(MODEL_NAME, "champion").version
+
+    summary = retrain(overrides=[*base_overrides, f"data.path={renamed}", "train.strategies=[feature_extraction]",
+                                 "export.precisions=[]"])
+
+    assert summary["model_name"].startswith(f"{MODEL_NAME}-clear-opaque-")
+    version = client.get_model_version(summary["model_name"], summary["decision"].challenger)
+    assert json.loads(version.tags["labels"]) == ["clear", "opaque"] and summary["decision"].promoted
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == champion_before

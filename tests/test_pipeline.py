@@ -93,6 +93,7 @@ def test_each_stage_depends_on_the_code_vitflow_fingerprints_it_by():
         assert [dep for dep in deps if dep.startswith("vitflow/")] == list(code), name
 
 
+@pytest.mark.slow
 def test_dvc_pipeline_reproduces_and_reruns_only_what_a_param_touches(pipeline_repo):
     repo = pipeline_repo
     assert set(stages_run(dvc(repo, "repro"))) == STAGES

@@ -14,6 +14,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from vitflow.cli import main
+from vitflow.config import RegistryConfig
 from vitflow.errors import VitflowError
 from vitflow.registry import (
     HISTORY_MAX_CHARS,
@@ -21,6 +22,7 @@ from vitflow.registry import (
     best_version,
     champion_number,
     list_versions,
+    model_name_for,
     promote_version,
     read_history,
     rollback,
@@ -308,3 +310,38 @@ def test_cli_lists_promotes_rolls_back_and_compares(client, tmp_path, capsys, mo
     assert code == 0 and "<table" in out and (tmp_path / "other.png").is_file()
     assert_one_line_error(run_cli(["compare", "--experiment", "no-such-experiment", "--name", name], capsys),
                           "no-such-experiment")
+
+
+def test_promote_and_rollback_refuse_another_label_set_unless_forced(client, tmp_path):
+    name = build_registry(client, tmp_path, [("full", DATA_A, accuracy) for accuracy in (0.8, 0.9, 0.7)])["name"]
+    for version, labels in (("1", ["ants", "bees"]), ("2", ["ant colony", "bées"]), ("3", ["ants", "bees"])):
+        client.set_model_version_tag(name, version, "labels", json.dumps(labels))
+    promote_version(client, name, "1", "first", "alice")
+
+    with pytest.raises(VitflowError, match=r"v2 predicts \['ant colony', 'bées'\] but the champion v1 predicts"):
+        promote_version(client, name, "2", "scores higher", "alice")
+    assert champion_number(client, name) == "1"
+    promote_version(client, name, "3", "same classes", "alice")
+    forced = promote_version(client, name, "2", "on purpose", "alice", force=True)
+    assert forced["overrode"] == ["label set"] and champion_number(client, name) == "2"
+    assert read_history(client, name)[-1]["overrode"] == ["label set"]
+
+    with pytest.raises(VitflowError, match="pass --force to roll back anyway"):
+        rollback(client, name, "bob")
+    assert rollback(client, name, "bob", force=True)["version"] == "3"
+
+
+def test_a_run_with_another_label_set_gets_its_own_registered_model_or_is_refused(client, tmp_path):
+    name = build_registry(client, tmp_path, [("full", DATA_A, 0.8)])["name"]
+    client.set_model_version_tag(name, "1", "labels", json.dumps(["ants", "bees"]))
+    registry = RegistryConfig(model_name=name, metric="accuracy", min_improvement=0.0)
+
+    assert model_name_for(client, registry, ["ants", "bees"]) == name
+    other = model_name_for(client, registry, ["ant colony", "bées"])
+    assert other.startswith(f"{name}-ant-colony-b") and other == model_name_for(client, registry, ["ant colony",
+                                                                                                   "bées"])
+    assert model_name_for(client, registry, ["ants", "bees", "wasps"]) not in (name, other)
+    unused = registry.model_copy(update={"model_name": "never-registered"})
+    assert model_name_for(client, unused, ["x", "y"]) == "never-registered"
+    with pytest.raises(VitflowError, match=r"predicts \['ants', 'bees'\], this data has \['a', 'b'\]"):
+        model_name_for(client, registry.model_copy(update={"other_labels": "refuse"}), ["a", "b"])

@@ -32,6 +32,7 @@ from vitflow.errors import VitflowError
 from vitflow.paths import PROJECT_ROOT, work_dir
 from vitflow.tracking import configure_mlflow, tracking_uri
 
+pytestmark = pytest.mark.slow
 CRON, TIMEZONE = "0 3 * * 1", "Europe/Paris"
 STRATEGIES = {"feature_extraction"}  # the cheapest one keeps these tests short; test_flow.py covers all three
 SERVE = "import sys; from vitflow.cli import main; sys.exit(main())"  # `vitflow serve ...`
@@ -53,19 +54,6 @@ def strategy_runs(client: MlflowClient, experiment: str, parent_run_id: str) -> 
 
 
 # --- Prefect: `vitflow serve` on a real Prefect server ---------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory) -> str:
-    """A `prefect server start` of its own; its API URL."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url}
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-               "--no-ui"]
-    with running(command, env, home / "server.log", health_url=f"{url}/health", timeout=120):
-        yield url
-
 
 def read_deployment(api_url: str, name: str):
     async def read():
@@ -211,13 +199,16 @@ def test_runs_survive_a_tracking_server_outage(http_tracking, monkeypatch, tmp_p
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: MLflow tracking server at {uri} is unreachable (connection failed after retries); "
                       f"trained models are kept in {work_dir()}; run `vitflow run` again when it is back"]
-    assert len(attempts) == 1 + 3
+    assert len(attempts) == 1 + 3 + 1  # start-tracking and its three retries, then the failure hook ending runs
     print(f"failed run against the stopped server: {seconds:.1f} s, {retrying:.1f} s of it trying to reach it")
     assert retrying < 15 and seconds < 90
 
-    # Back up on the same backend: a re-run registers again, reusing the trainings instead of repeating them.
+    # Back up on the same backend: a re-run reuses the trainings and the versions registered from them.
     with running(mlflow_server_command(port, root), env, tmp_path / "mlflow.log", health_url=f"{uri}/health"):
         again = retrain(overrides=overrides, force=True)
         train_seconds = {item.strategy: item.metrics["train_seconds"] for item in first["registered"]}
         assert {item.strategy: item.metrics["train_seconds"] for item in again["registered"]} == train_seconds
-        assert len(client.search_model_versions(f"name='{name}'")) == 2 * len(STRATEGIES)
+        assert {item.version for item in again["registered"]} == {item.version for item in first["registered"]}
+        assert len(client.search_model_versions(f"name='{name}'")) == len(STRATEGIES)
+        experiment_id = client.get_experiment_by_name(name).experiment_id
+        assert client.search_runs([experiment_id], "attributes.status = 'RUNNING'") == []

@@ -43,6 +43,7 @@ class DataConfigSection(Section):
 class ModelConfig(Section):
     source: str = Field(min_length=1)
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # load pickled (.bin) weights, which can run code: only for files you trust
 
 
 class PreprocessConfig(Section):
@@ -82,10 +83,14 @@ class RegistryConfig(Section):
     model_name: str = Field(min_length=1)
     metric: Literal["accuracy", "macro_f1"]
     min_improvement: float = Field(ge=0)
+    other_labels: Literal["new_model", "refuse"] = "new_model"  # data whose classes differ from the model's
 
 
 class MlflowConfig(Section):
     experiment: str = Field(min_length=1)
+    lock_wait_minutes: float = Field(default=60, ge=0, description="how long a run waits for an identical one")
+    stale_run_hours: float = Field(default=12, gt=0, description="a RUNNING run older than this, with no live "
+                                                                  "process behind it, is closed as KILLED")
 
 
 class ExplainConfig(Section):

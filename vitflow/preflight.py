@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitflow.config import Config, load_config
+from vitflow.config import Config, ModelConfig, load_config
 from vitflow.data.sources import detect_source
 from vitflow.errors import VitflowError
-from vitflow.models import resolve_backend
+from vitflow.models import check_safetensors_only, resolve_backend
 from vitflow.paths import PARAMS_FILE, project_path
 from vitflow.training.strategies import ResolvedStrategy, check_train_config
 
@@ -22,7 +22,7 @@ class RunPlan:
     config: Config
     strategies: list[ResolvedStrategy]
     data_path: Path
-    model_source: str  # a project directory as an absolute path; ids and names as given
+    model: ModelConfig  # its source: a project directory as an absolute path; ids and names as given
     builds_foundation: bool  # the model is the default backbone, rebuilt by DVC's `foundation` stage
 
 
@@ -39,7 +39,10 @@ def plan_run(params_file: Path | str = PARAMS_FILE, overrides: list[str] | None 
     source = config.model.source
     in_project = project_path(source)
     builds_foundation = in_project == foundation
-    model_source = str(in_project) if in_project.exists() or builds_foundation else source
+    model = config.model.model_copy(update={"source": str(in_project) if in_project.exists() or builds_foundation
+                                            else source})
     if not builds_foundation:
-        resolve_backend(model_source)
-    return RunPlan(config, strategies, data_path, model_source, builds_foundation)
+        resolve_backend(model.source)
+        if not model.allow_pickle:
+            check_safetensors_only(model.source)
+    return RunPlan(config, strategies, data_path, model, builds_foundation)

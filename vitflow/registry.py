@@ -14,7 +14,9 @@ from it goes), action (promote | rollback), actor, at (UTC ISO), reason.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from vitflow.config import RegistryConfig
 from vitflow.data.cache import load_split
 from vitflow.data.versioning import short_hash
 from vitflow.errors import VitflowError
@@ -133,11 +136,33 @@ def write_history(client: MlflowClient, model_name: str, history: list[dict]) ->
 
 
 def history_entry(version: str, previous: str | None, restores: str | None, action: str, actor: str,
-                  reason: str) -> dict:
-    """One champion move, with a unique id and the current UTC time."""
-    return {"id": uuid.uuid4().hex[:12], "version": str(version), "previous": previous, "restores": restores,
-            "action": action, "actor": actor, "at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "reason": reason[:HISTORY_REASON_CHARS]}
+                  reason: str, overrode: list[str] | None = None) -> dict:
+    """One champion move, with a unique id and the current UTC time; `overrode`: the checks --force overrode."""
+    entry = {"id": uuid.uuid4().hex[:12], "version": str(version), "previous": previous, "restores": restores,
+             "action": action, "actor": actor, "at": datetime.now(UTC).isoformat(timespec="seconds"),
+             "reason": reason[:HISTORY_REASON_CHARS]}
+    return {**entry, "overrode": overrode} if overrode else entry
+
+
+def labels_of(version: ModelVersion) -> list[str] | None:
+    """The label set a version predicts (its `labels` tag), or None for a version registered without one."""
+    text = version.tags.get("labels")
+    return json.loads(text) if text else None
+
+
+def not_comparable(target: ModelVersion, champion: ModelVersion, check_data: bool = True) -> dict[str, str]:
+    """Why `target` may not replace `champion` without --force: {check: explanation}, empty when it may."""
+    problems = {}
+    ours, theirs = labels_of(target), labels_of(champion)
+    if ours is not None and theirs is not None and ours != theirs:
+        problems["label set"] = (f"v{target.version} predicts {ours} but the champion v{champion.version} predicts "
+                                 f"{theirs}, so it cannot stand in for it")
+    ours, theirs = target.tags.get("data_version"), champion.tags.get("data_version")
+    if check_data and ours != theirs:
+        problems["data version"] = (f"v{target.version} was evaluated on data version {short_hash(ours) or 'unknown'}, "
+                                    f"the champion v{champion.version} on {short_hash(theirs) or 'unknown'}, so their "
+                                    "scores are not comparable")
+    return problems
 
 
 def tag_promoted_version(client: MlflowClient, model_name: str, entry: dict, reason: str) -> None:
@@ -149,11 +174,12 @@ def tag_promoted_version(client: MlflowClient, model_name: str, entry: dict, rea
 
 
 def promote_version(client: MlflowClient, model_name: str, version: str | int, reason: str, actor: str,
-                    force: bool = False, on_step: Callable[[str], None] | None = None) -> dict:
+                    force: bool = False, on_step: Callable[[str], None] | None = None, rescored: bool = False) -> dict:
     """Move `champion` to `version` and record it; returns the history entry.
 
-    Refuses (VitflowError) an unknown model or version, the current champion, and, unless `force`,
-    a version evaluated on another data version than the champion (their scores are not comparable).
+    Refuses (VitflowError) an unknown model or version, the current champion, and, unless `force` (recorded
+    in the entry), a version with another label set than the champion's, or one evaluated on another data
+    version (`rescored`: the caller compared both on the same test split itself).
     See `move_champion` for how racing promotions are detected; `on_step(stage)` is called at its
     stages "read" and "alias moved" so tests can interleave a competing promotion.
     """
@@ -163,26 +189,23 @@ def promote_version(client: MlflowClient, model_name: str, version: str | int, r
     history, current = _history_of(model), _champion_of(model)
     if current == number:
         raise VitflowError(f"v{number} is already the champion of {model_name}; nothing to do")
-    if current is not None and not force:
-        ours = target.tags.get("data_version")
-        theirs = client.get_model_version(model_name, current).tags.get("data_version")
-        if ours != theirs:
-            raise VitflowError(f"v{number} of {model_name} was evaluated on data version "
-                               f"{short_hash(ours) or 'unknown'}, the champion v{current} on "
-                               f"{short_hash(theirs) or 'unknown'}, so their scores are not comparable; "
-                               "retrain on the current data, or pass --force to promote it anyway")
-    entry = history_entry(number, current, current, "promote", actor, reason)
+    problems = {}
+    if current is not None:
+        problems = not_comparable(target, client.get_model_version(model_name, current), check_data=not rescored)
+    if problems and not force:
+        raise VitflowError(f"{model_name}: {next(iter(problems.values()))}; pass --force to promote it anyway")
+    entry = history_entry(number, current, current, "promote", actor, reason, list(problems))
     move_champion(client, model_name, entry, history, on_step)
     tag_promoted_version(client, model_name, entry, reason)
     return entry
 
 
-def rollback(client: MlflowClient, model_name: str, actor: str, reason: str = "rollback") -> dict:
+def rollback(client: MlflowClient, model_name: str, actor: str, reason: str = "rollback", force: bool = False) -> dict:
     """Move `champion` back to the version that held it before the current one; returns the history entry.
 
     Successive rollbacks walk further back (v1 -> v2 -> v3, rollback: v2, rollback: v1). No data
-    version check: it restores a former champion. Refuses (VitflowError) when there is no champion
-    or no earlier champion recorded in the history.
+    version check: it restores a former champion. Refuses (VitflowError) when there is no champion,
+    no earlier champion recorded in the history, or, unless `force`, one with another label set.
     """
     model = registered_model(client, model_name)
     history, current = _history_of(model), _champion_of(model)
@@ -193,10 +216,13 @@ def rollback(client: MlflowClient, model_name: str, actor: str, reason: str = "r
     if target is None:
         raise VitflowError(f"no earlier champion of {model_name} is recorded before v{current}; "
                            "promote a version with `vitflow promote VERSION` instead")
-    model_version(client, model_name, target)  # it may have been deleted since
+    restored = model_version(client, model_name, target)  # it may have been deleted since
+    problems = not_comparable(restored, client.get_model_version(model_name, current), check_data=False)
+    if problems and not force:
+        raise VitflowError(f"{model_name}: {problems['label set']}; pass --force to roll back anyway")
     made_target = _latest_index(history, target, made_current)
     restores = history[made_target]["restores"] if made_target is not None else None
-    entry = history_entry(target, current, restores, "rollback", actor, reason)
+    entry = history_entry(target, current, restores, "rollback", actor, reason, list(problems))
     move_champion(client, model_name, entry, history)
     tag_promoted_version(client, model_name, entry, reason)
     return entry
@@ -294,19 +320,26 @@ def promote(client: MlflowClient, model_name: str, candidates: list[RegisteredVe
     best = max(candidates, key=lambda candidate: candidate.metrics[key])
     client.set_registered_model_alias(model_name, CHALLENGER, best.version)
     current = champion_version(client, model_name)
-    champion_score = None
-    if current is not None:
+    kept = current is not None and str(current.version) == str(best.version)
+    if current is None:
+        promoted, reason = True, "no champion yet"
+    elif kept:
+        promoted, reason = False, "already the champion"
+    elif "label set" in not_comparable(client.get_model_version(model_name, best.version), current, check_data=False):
+        promoted, reason = False, f"the champion v{current.version} predicts another label set; not comparable"
+    else:
         if current.tags.get("data_version") == data_version and key in current.tags:
             champion_score = float(current.tags[key])
         else:
             champion_score = champion_score_on_current_test(current)
-    promoted, reason = decide_promotion(best.metrics[key], champion_score, min_improvement)
+        promoted, reason = decide_promotion(best.metrics[key], champion_score, min_improvement)
     if promoted:
-        # force: the score comparison above already covers a champion from another data version
-        promote_version(client, model_name, best.version, reason, "retrain flow", force=True)
+        # rescored: a champion from another data version was scored on this run's test split above
+        promote_version(client, model_name, best.version, reason, "retrain flow", rescored=True)
     for candidate in candidates:
         if candidate is best:
-            decision, why = ("promoted to champion" if promoted else "challenger, not promoted"), reason
+            decision = "promoted to champion" if promoted else "champion" if kept else "challenger, not promoted"
+            why = reason
         else:
             decision, why = "not selected", f"{key} {candidate.metrics[key]:.4f} below the best new version"
         client.set_model_version_tag(model_name, candidate.version, "decision", decision)
@@ -345,3 +378,25 @@ def exported_model_uri(client: MlflowClient, run_id: str, precision: str) -> str
         raise VitflowError(f"run {run_id} has no {precision} export; add it to export.precisions in params.yaml "
                            "and run `vitflow run --force`")
     return f"models:/{found[0].model_id}"
+
+
+def model_name_for(client: MlflowClient, registry: RegistryConfig, labels: list[str]) -> str:
+    """The registered model a run with these `labels` registers to: `registry.model_name`, unless its versions
+    predict another label set; then, by `registry.other_labels`, a model of its own named from the labels
+    (`new_model`) or a VitflowError (`refuse`). Checked before any training."""
+    name = registry.model_name
+    try:
+        versions = client.search_model_versions(f"name = '{name}'", max_results=50, order_by=["version_number DESC"])
+    except MlflowException:
+        versions = []
+    champion = champion_version(client, name) if versions else None
+    reference = champion or next(iter(versions), None)
+    theirs = labels_of(reference) if reference is not None else None
+    if theirs is None or theirs == labels:
+        return name
+    if registry.other_labels == "refuse":
+        raise VitflowError(f"registry.model_name {name!r} predicts {theirs}, this data has {labels}; set "
+                           "registry.model_name to another name, or registry.other_labels: new_model")
+    slug = re.sub(r"[^a-z0-9]+", "-", "-".join(labels).lower()).strip("-")[:40]
+    digest = hashlib.sha256(json.dumps(labels).encode()).hexdigest()[:6]
+    return f"{name}-{slug}-{digest}"

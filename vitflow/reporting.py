@@ -37,7 +37,7 @@ def compare_runs(client: MlflowClient, experiment_name: str, model_name: str,
         if "mlflow.parentRunId" not in run.data.tags:
             continue
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-        version = version_by_run.get(run.info.run_id)
+        version = version_by_run.get(run.info.run_id) or _number(tags.get("model_version"))
         rows.append({"run_name": run.info.run_name,
                      "model": Path(tags.get("model_source", "").rstrip("/")).name,
                      "strategy": tags.get("strategy", ""),

@@ -64,13 +64,13 @@ def prepare(config: Config) -> None:
     """In: data.*, model.*, preprocess.*. Out: pipeline/prepared/ (manifest, preprocessed tensors)."""
     from vitflow.data.cache import preprocess_dataset
     from vitflow.data.manifest import build_manifest, class_labels, write_manifest
-    from vitflow.models import load_model
+    from vitflow.models import load_pretrained
 
     data, model = config.data, config.model
     manifest = build_manifest(project_path(data.path), data.val_fraction, data.test_fraction, data.seed)
     write_manifest(manifest, PREPARED / "manifest.csv")
     labels = class_labels(manifest)
-    data_config = load_model(model.source, labels, config.preprocess.image_size, model.trust_remote_code).data_config
+    data_config = load_pretrained(model, labels, config.preprocess.image_size).data_config
     preprocess_dataset(manifest, project_path(data.path), data_config, labels, CACHE_FILE, progress=False)
 
 
@@ -82,9 +82,8 @@ def train(config: Config, strategy: str) -> None:
     from vitflow.training.loop import train_from_cache
     from vitflow.training.strategies import resolve
 
-    result = train_from_cache(config.model.source, load_labels(CACHE_FILE), config.preprocess.image_size, CACHE_FILE,
-                              resolve(config.train, strategy), model_root(strategy), config.model.trust_remote_code,
-                              progress=False)
+    result = train_from_cache(config.model, load_labels(CACHE_FILE), config.preprocess.image_size, CACHE_FILE,
+                              resolve(config.train, strategy), model_root(strategy), progress=False)
     write_json(METRICS / f"train-{strategy}.json",
                {"train_seconds": result.train_seconds, "trainable_params": result.trainable_params,
                 "total_params": result.total_params, "val_accuracy": result.history[-1]["val_accuracy"],

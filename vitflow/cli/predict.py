@@ -9,6 +9,8 @@ from vitflow.config import load_config
 from vitflow.errors import VitflowError
 from vitflow.paths import PARAMS_FILE
 
+PREDICT_BATCH_SIZE = 32
+
 
 def add_commands(commands) -> None:
     predict = commands.add_parser("predict", help="top-k labels for images, from the champion by default")
@@ -34,19 +36,22 @@ def add_commands(commands) -> None:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    from vitflow.data.images import load_image, normalize
+    import torch
+
+    from vitflow.data.images import load_image
+    from vitflow.inference import predict_logits
     from vitflow.loading import resolve_runner
 
     missing = [image for image in args.images if not Path(image).is_file()]
     if missing:
         raise VitflowError(f"{missing[0]}: no such image file")
     model = resolve_runner(args.model, args.precision, load_config(args.params).registry.model_name)
-    for image_path in args.images:
-        pixels = load_image(image_path, model.data_config)
-        probabilities = model(normalize(pixels[None], model.data_config)).softmax(1)[0]
-        top = probabilities.topk(min(args.top_k, len(model.labels)))
+    images = torch.stack([load_image(image_path, model.data_config) for image_path in args.images])
+    probabilities = predict_logits(model, images, PREDICT_BATCH_SIZE).softmax(1)
+    top = probabilities.topk(min(args.top_k, len(model.labels)))
+    for image_path, scores, indices in zip(args.images, top.values.tolist(), top.indices.tolist(), strict=True):
         print(image_path)
-        for score, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        for score, index in zip(scores, indices, strict=True):
             print(f"  {model.labels[index]:<24} {score:.4f}")
     return 0
 

@@ -32,12 +32,14 @@ def add_commands(commands) -> None:
     which.add_argument("--best", action="store_true",
                        help="the version with the best test metric (registry.metric) on the champion's data version")
     promote.add_argument("--reason", help="why, kept in the champion history")
-    promote.add_argument("--force", action="store_true", help="promote even if evaluated on another data version")
+    promote.add_argument("--force", action="store_true",
+                         help="promote even if evaluated on another data version or predicting another label set")
     _add_common(promote)
     promote.set_defaults(handler=promote_command)
 
     rollback = commands.add_parser("rollback", help="give the champion alias back to the previous champion")
     rollback.add_argument("--reason", default="rollback", help="why, kept in the champion history")
+    rollback.add_argument("--force", action="store_true", help="roll back even to a version with another label set")
     _add_common(rollback)
     rollback.set_defaults(handler=rollback_command)
 
@@ -116,7 +118,7 @@ def rollback_command(args: argparse.Namespace) -> int:
     from vitflow.registry import rollback
 
     client, _, model_name = _setup(args)
-    print(_describe(model_name, rollback(client, model_name, _actor(), args.reason)))
+    print(_describe(model_name, rollback(client, model_name, _actor(), args.reason, force=args.force)))
     return 0
 
 

@@ -14,6 +14,7 @@ from types import ModuleType
 
 from torch import nn
 
+from vitflow.config import ModelConfig
 from vitflow.errors import VitflowError
 from vitflow.models import timm_backend, transformers_backend
 from vitflow.models.base import SIDECAR, Captured, DataConfig, ImageClassifier, count_parameters, read_sidecar
@@ -25,20 +26,43 @@ BACKENDS: dict[str, ModuleType] = {backend.name: backend for backend in (
 )}
 
 __all__ = ["BACKENDS", "SIDECAR", "Captured", "DataConfig", "ImageClassifier", "backend_of_module",
-           "count_parameters", "load_model", "resolve_backend"]
+           "count_parameters", "load_model", "load_pretrained", "resolve_backend"]
+
+
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 def load_model(source: str, labels: list[str] | None = None, image_size: int | None = None,
-               trust_remote_code: bool = False) -> ImageClassifier:
+               trust_remote_code: bool = False, allow_pickle: bool = False) -> ImageClassifier:
     """Load `source` and, when `labels` differ from the model's own, fit a new head for them.
 
     `source`: a local directory (a vitflow, transformers or timm checkpoint), a Hugging Face
     model id, or a timm model name; prefix `hf:` or `timm:` to choose the library explicitly.
     `image_size`: run the model at this input size instead of its own (None keeps its own).
+    Weights load from safetensors only, unless `allow_pickle` (pickles can run code when loaded).
     An fp16/bf16 export (`vitflow.export`, sidecar `precision`) loads upcast to float32.
     """
     backend, name = resolve_backend(source)
-    return BACKENDS[backend].load(name, labels, source, image_size, trust_remote_code)
+    if not allow_pickle:
+        check_safetensors_only(name)
+    return BACKENDS[backend].load(name, labels, source, image_size, trust_remote_code, allow_pickle)
+
+
+def load_pretrained(model: ModelConfig, labels: list[str] | None = None,
+                    image_size: int | None = None) -> ImageClassifier:
+    """The `model` section's pretrained model, loaded with its security settings."""
+    return load_model(model.source, labels, image_size, model.trust_remote_code, model.allow_pickle)
+
+
+def check_safetensors_only(name: str) -> None:
+    """A local checkpoint directory must hold safetensors weights; one with only pickled weights is refused."""
+    directory = Path(name)
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(path.name for pattern in PICKLED_WEIGHTS for path in directory.glob(pattern))
+    if pickled:
+        raise VitflowError(f"{directory}: holds only pickled weights ({', '.join(pickled)}), which can run code when "
+                           "loaded; convert them to safetensors, or set model.allow_pickle: true if you trust them")
 
 
 def resolve_backend(source: str) -> tuple[str, str]:

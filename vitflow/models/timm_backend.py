@@ -54,7 +54,7 @@ def recognises_name(model_name: str) -> bool:
 
 
 def load(model_name: str, labels: list[str] | None, source: str, image_size: int | None,
-         trust_remote_code: bool) -> ImageClassifier:
+         trust_remote_code: bool, allow_pickle: bool = False) -> ImageClassifier:
     import timm
 
     is_dir = Path(model_name).is_dir()

@@ -65,14 +65,14 @@ def recognises_name(model_name: str) -> bool:
 
 
 def load(model_name: str, labels: list[str] | None, source: str, image_size: int | None,
-         trust_remote_code: bool) -> ImageClassifier:
+         trust_remote_code: bool, allow_pickle: bool = False) -> ImageClassifier:
     import transformers
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     # The new head's size mismatch is expected (ignore_mismatched_sizes); keep the load quiet.
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
     saved = read_sidecar(model_name) if Path(model_name).is_dir() else {}
     if saved.get("precision") in ("fp16", "bf16"):
         kwargs["dtype"] = torch.float32  # reduced-precision exports load upcast, as timm's loader does

@@ -11,31 +11,37 @@ DDP shards the end-to-end batches, and rank 0 alone saves the model and result (
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from tqdm import tqdm
 
-from vitflow.config import TrainConfig
+from vitflow.config import ModelConfig, TrainConfig
 from vitflow.data.cache import SplitTensors, load_split
 from vitflow.data.images import augmentation, normalize
-from vitflow.models import ImageClassifier, count_parameters, load_model
+from vitflow.models import ImageClassifier, count_parameters, load_pretrained
 from vitflow.training import distributed
 from vitflow.training.schedule import warmup_cosine
 from vitflow.training.strategies import ResolvedStrategy
 from vitflow.training.validation import validate
 
 RESULT_FILE = "result.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainResult:
     strategy: str
+    settings: dict  # what it trained with: `ResolvedStrategy.as_dict()`
     model_dir: str
     history: list[dict]  # one row per epoch: epoch, train_loss, val_loss, val_accuracy
     trainable_params: int
@@ -46,6 +52,10 @@ class TrainResult:
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> TrainResult:
+        return cls(**json.loads(path.read_text()))
 
 
 def set_trainable(model: ImageClassifier, resolved: ResolvedStrategy) -> tuple[int, int]:
@@ -75,7 +85,8 @@ def fine_tune(model: ImageClassifier, train: SplitTensors, val: SplitTensors, re
     fit = resolved.strategy.fit or train_end_to_end
     history, images_seen = fit(model, train, val, settings, resolved.options, progress)
     seconds = time.perf_counter() - start
-    result = TrainResult(strategy=resolved.name, model_dir=str(out_dir / "model"), history=history,
+    result = TrainResult(strategy=resolved.name, settings=resolved.as_dict(), model_dir=str(out_dir / "model"),
+                         history=history,
                          trainable_params=trainable, total_params=total, train_seconds=round(seconds, 2),
                          images_per_second=round(images_seen / seconds, 2),
                          peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
@@ -126,11 +137,47 @@ def train_end_to_end(model: ImageClassifier, train: SplitTensors, val: SplitTens
     return history, len(train.labels) * settings.epochs
 
 
-def train_from_cache(model_source: str, labels: list[str], image_size: int | None, cache_file: Path | str,
-                     resolved: ResolvedStrategy, out_dir: Path | str, trust_remote_code: bool = False,
-                     progress: bool = True) -> TrainResult:
+def train_from_cache(model: ModelConfig, labels: list[str], image_size: int | None, cache_file: Path | str,
+                     resolved: ResolvedStrategy, out_dir: Path | str, progress: bool = True) -> TrainResult:
     """Load the pretrained model with a new head for `labels` and fine-tune it on the cache's train/val splits."""
     torch.manual_seed(resolved.settings.seed)  # the new head's initialisation
-    model = load_model(model_source, labels=labels, image_size=image_size, trust_remote_code=trust_remote_code)
-    return fine_tune(model, load_split(cache_file, "train"), load_split(cache_file, "val"), resolved, out_dir,
+    classifier = load_pretrained(model, labels, image_size)
+    return fine_tune(classifier, load_split(cache_file, "train"), load_split(cache_file, "val"), resolved, out_dir,
                      progress=progress)
+
+
+def train_or_reuse(model: ModelConfig, labels: list[str], image_size: int | None, cache_file: Path | str,
+                   resolved: ResolvedStrategy, out_dir: Path | str, progress: bool = True) -> TrainResult:
+    """The finished training in `out_dir` (named by a fingerprint of data, settings and code), or a new one.
+
+    A new training is written to a temporary folder beside `out_dir` and renamed into place when complete,
+    so a kill leaves no half-written model where a later run would reuse it; a broken `out_dir` is removed
+    and trained again.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        finished = finished_training(out_dir)
+        if finished is not None:
+            return finished
+        log.warning("%s: incomplete or broken training output; removed, training again", out_dir)
+        shutil.rmtree(out_dir)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    result = train_from_cache(model, labels, image_size, cache_file, resolved, staging, progress)
+    result.model_dir = str(out_dir / "model")
+    result.save(staging / RESULT_FILE)
+    staging.rename(out_dir)
+    return result
+
+
+def finished_training(out_dir: Path) -> TrainResult | None:
+    """The result in `out_dir` when it and the model it names are complete and readable, else None."""
+    try:
+        result = TrainResult.load(out_dir / RESULT_FILE)
+        weights = list(Path(result.model_dir).glob("*.safetensors"))
+        for file in weights:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+    except Exception:  # a missing or truncated file, bad JSON, an old result format: all mean "train again"
+        return None
+    return result if weights and Path(result.model_dir).parent == out_dir else None
