@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -97,3 +98,9 @@ def running(command: list[str], env: dict[str, str], log_path: Path, health_url:
 def tail(log_path: Path, lines: int = 40) -> str:
     return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
 
+
+def mlflow_server_command(port: int, root: Path) -> list[str]:
+    """`mlflow server` on 127.0.0.1:`port`, its SQLite store and artifacts under `root`."""
+    return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts")]

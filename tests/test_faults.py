@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from servers import start, stop, tail
+from servers import free_port, mlflow_server_command, running, start, stop, tail, wait_healthy
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-c", "import sys; from vitflow.cli import main; sys.exit(main())", "run"]
@@ -27,7 +27,7 @@ CLI = [sys.executable, "-c", "import sys; from vitflow.cli import main; sys.exit
 def overrides(pneumonia_folder: Path, tiny_hf_model: Path, name: str) -> list[str]:
     """One strategy, long enough to be killed while it trains; int8 export, slow enough to be killed in."""
     settings = [f"data.path={pneumonia_folder}", f"model.source={tiny_hf_model}", "preprocess.image_size=null",
-                "train.strategies=[full]", "train.epochs=40", "train.augment=false", "train.lr_backbone=3e-3",
+                "train.strategies=[full]", "train.epochs=20", "train.augment=false", "train.lr_backbone=3e-3",
                 "train.lr_head=3e-3", "export.precisions=[fp16,int8]", f"registry.model_name={name}",
                 f"mlflow.experiment={name}"]
     return [arg for setting in settings for arg in ("--set", setting)]
@@ -79,7 +79,7 @@ def test_runs_killed_in_training_registration_and_export_leave_true_records(pneu
     client = MlflowClient(*[f"sqlite:///{tmp_path / 'mlflow.db'}"] * 2)
     models = tmp_path / "work" / "models"
 
-    kill_when(lambda: "epoch 3/40" in (tmp_path / "1.log").read_text(errors="replace"), "training", tmp_path,
+    kill_when(lambda: "epoch 2/20" in (tmp_path / "1.log").read_text(errors="replace"), "training", tmp_path,
               prefect_api, args, "1.log")
     assert not list(models.glob("*/full/result.json"))  # killed before the training finished
     kill_when(lambda: _versions(client, name), "a registered version", tmp_path, prefect_api, args, "2.log")
@@ -127,6 +127,47 @@ def test_two_identical_runs_started_together_train_and_register_once(pneumonia_f
     assert len(_versions(client, name)) == 1
     assert all(run.info.status == "FINISHED" for run in runs)
     assert any("nothing to do" in log.read_text() for _, log in (first, second))
+
+
+def test_a_tracking_server_stopped_mid_run_and_restarted(pneumonia_folder, tiny_hf_model, prefect_api, tmp_path):
+    """The MLflow server goes away while a strategy run is being logged: the run fails in one line; once the
+    server is back, a re-run closes what the failed one left RUNNING and registers the training once."""
+    name, root, port = "mid-run", tmp_path / "mlflow", free_port()
+    root.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**environment(tmp_path, prefect_api), "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+           "VITFLOW_TRACKING_RETRY_DELAYS": "0"}
+    args = overrides(pneumonia_folder, tiny_hf_model, name)
+    client = MlflowClient(uri, uri)
+    server = start(mlflow_server_command(port, root), env, tmp_path / "mlflow-1.log")
+    try:
+        wait_healthy(f"{uri}/health", server, tmp_path / "mlflow-1.log")
+        run = start([*CLI, *args], env, tmp_path / "1.log")
+        wait_until(lambda: _strategy_runs(client, name), run, tmp_path / "1.log", "a strategy run")
+    finally:
+        stop(server)
+    assert run.wait(300) == 3, tail(tmp_path / "1.log")
+    errors = [line for line in (tmp_path / "1.log").read_text().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"MLflow tracking server at {uri} is unreachable" in errors[0]
+
+    with running(mlflow_server_command(port, root), env, tmp_path / "mlflow-2.log", health_url=f"{uri}/health"):
+        again = start([*CLI, *args], env, tmp_path / "2.log")
+        assert again.wait(300) == 0, tail(tmp_path / "2.log")
+        runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        assert [run.info.status for run in runs if run.info.status == "RUNNING"] == []
+        parents = sorted((run for run in runs if "run_fingerprint" in run.data.tags),
+                         key=lambda run: run.info.start_time)
+        assert [run.info.status for run in parents] == ["KILLED", "FINISHED"]
+        assert len(_versions(client, name)) == 1
+
+
+def _strategy_runs(client: MlflowClient, name: str) -> list:
+    try:
+        experiment = client.get_experiment_by_name(name)
+        return experiment and client.search_runs([experiment.experiment_id], "tags.strategy = 'full'")
+    except Exception:  # the server is starting, or the experiment is being created
+        return []
 
 
 def _versions(client: MlflowClient, name: str) -> list:

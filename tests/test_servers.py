@@ -21,7 +21,7 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments import run_deployment
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from servers import free_port, running, tail
+from servers import free_port, mlflow_server_command, running, tail
 
 import flows.retrain as retrain_module
 import vitflow.tracking as tracking
@@ -142,12 +142,6 @@ def test_serve_rejects_bad_schedules_and_a_missing_server(cron, timezone, messag
 
 
 # --- MLflow: a tracking server that goes away and comes back ---------------------------------------------------
-
-def mlflow_server_command(port: int, root: Path) -> list[str]:
-    return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts")]
-
 
 @pytest.fixture
 def http_tracking(monkeypatch, prefect_api):
