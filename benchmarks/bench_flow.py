@@ -26,14 +26,16 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noq
 
 from benchmarks.machine import machine  # noqa: E402
 from flows.retrain import retrain  # noqa: E402
+from vitflow.training.strategies import STRATEGIES  # noqa: E402
 
 
 def stage_seconds(flow_run_id) -> pd.Series:
     """Seconds per task name (summed over strategies) for one flow run, from Prefect's API."""
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    branches = set(STRATEGIES)  # a strategy's branch task runs the others: counting it would count them twice
     frame = pd.DataFrame([{"stage": run.name.rsplit("-", 1)[0], "seconds": run.total_run_time.total_seconds()}
-                          for run in runs])
+                          for run in runs if run.name not in branches])
     return frame.groupby("stage", sort=False)["seconds"].sum()
 
 
