@@ -21,10 +21,14 @@ def version_data_task(data_path: str) -> DataVersion:
 @task(name="build-manifest", log_prints=True)
 def build_manifest_task(data_path: str, data: DataConfigSection, out_csv: str) -> pd.DataFrame:
     """The manifest, written to `out_csv` and summarised in the table artifact `data-manifest`."""
-    manifest = build_manifest(data_path, data.val_fraction, data.test_fraction, data.seed)
+    manifest = build_manifest(data_path, data.val_fraction, data.test_fraction, data.seed, data.label_names,
+                              data.duplicates)
     write_manifest(manifest, out_csv)
-    summary = summarise_manifest(manifest)
-    print(f"manifest {out_csv}: {summary['images']} images, {summary['skipped']} skipped, {summary['splits']}")
+    summary = summarise_manifest(manifest, data.min_per_class)
+    print(f"manifest {out_csv}: {summary['images']} images, {summary['skipped']} skipped "
+          f"({summary['dropped_copies']} val/test copies of training images), {summary['splits']}")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}")
     table = [{"split": split, "class": label, "images": n}
              for split, counts in summary["splits"].items() for label, n in counts.items()]
     create_table_artifact(table + [{"split": "skipped", "class": "", "images": summary["skipped"]}],

@@ -63,6 +63,19 @@ def write_pneumonia_folder(directory: Path, per_class: dict[str, int], seed: int
     return directory
 
 
+def pneumonia_npz(path: Path, per_split: dict[str, int]) -> Path:
+    """The first `count` images of each class of each split of the real PneumoniaMNIST arrays, as a smaller .npz."""
+    arrays = np.load(PNEUMONIA_NPZ)
+    sliced = {}
+    for split, count in per_split.items():
+        labels = arrays[f"{split}_labels"][:, 0]
+        chosen = np.sort(np.concatenate([np.flatnonzero(labels == label)[:count] for label in (0, 1)]))
+        sliced.update({f"{split}_images": arrays[f"{split}_images"][chosen],
+                       f"{split}_labels": arrays[f"{split}_labels"][chosen]})
+    np.savez(path, **sliced)
+    return path
+
+
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return _SESSION_DIR

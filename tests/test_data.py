@@ -94,7 +94,38 @@ def test_manifest_decodes_every_file_and_skips_bad_ones(mixed: Path) -> None:
 def test_summary_counts(mixed: Path) -> None:
     summary = summarise_manifest(build_manifest(mixed, 0.0, 0.0, seed=1))
     assert summary == {"images": 9, "skipped": 4, "classes": ["cats", "dogs"],
-                       "splits": {"train": {"cats": 4, "dogs": 3}, "test": {"cats": 1, "dogs": 1}}}
+                       "splits": {"train": {"cats": 4, "dogs": 3}, "test": {"cats": 1, "dogs": 1}},
+                       "duplicates": 0, "dropped_copies": 0, "warnings": []}
+
+
+def test_val_and_test_copies_of_training_images_are_dropped_from_evaluation(tmp_path: Path) -> None:
+    root = tmp_path / "leaky"
+    make_classes(root / "train", {"a": 4, "b": 4})
+    make_classes(root / "test", {"a": 2, "b": 2}, seed=500)
+    (root / "test/a/copy.jpg").write_bytes((root / "train/a/a_001.jpg").read_bytes())
+    (root / "train/b/twin.jpg").write_bytes((root / "train/b/b_000.jpg").read_bytes())  # within train: listed only
+
+    manifest = build_manifest(root, 0.0, 0.0, seed=0)
+    copy = manifest.set_index("path").loc["test/a/copy.jpg"]
+    assert copy["status"] == "skipped" and copy["split"] == "" and "exact copy" in copy["reason"]
+    summary = summarise_manifest(manifest, min_per_class=3)
+    assert summary["dropped_copies"] == 1 and summary["duplicates"] == 4  # two pairs
+    assert summary["splits"]["test"] == {"a": 2, "b": 2}
+    assert summary["warnings"] == ["class 'a' has 2 images in test (data.min_per_class=3)",
+                                   "class 'b' has 2 images in test (data.min_per_class=3)"]
+
+    kept = build_manifest(root, 0.0, 0.0, seed=0, duplicates="keep")
+    assert kept.set_index("path").loc["test/a/copy.jpg", "status"] == "ok"
+    with pytest.raises(VitflowError, match=r"leaky: 1 val/test images are exact copies of training images "
+                                           r"\(e.g. test/a/copy.jpg\)"):
+        build_manifest(root, 0.0, 0.0, seed=0, duplicates="error")
+
+
+def test_class_names_that_differ_only_by_case_or_spaces_are_flagged(tmp_path: Path) -> None:
+    make_classes(tmp_path / "cased", {"Ants": 3, "ants ": 3, "bees": 3})
+    summary = summarise_manifest(build_manifest(tmp_path / "cased", 0.0, 0.0, seed=0))
+    assert summary["warnings"] == [
+        "class names ['Ants', 'ants '] differ only by case or spaces; one class named twice?"]
 
 
 def test_manifest_csv_round_trips_and_leaves_no_partial_file(mixed: Path, tmp_path: Path) -> None:
@@ -111,7 +142,7 @@ def test_manifest_csv_round_trips_and_leaves_no_partial_file(mixed: Path, tmp_pa
 
 def test_split_folders_are_kept(tmp_path: Path) -> None:
     for split in ("train", "val", "test"):
-        make_classes(tmp_path / split, {"a": 5, "b": 4})
+        make_classes(tmp_path / split, {"a": 5, "b": 4}, seed=100 * len(split))
     manifest = build_manifest(tmp_path, 0.3, 0.3, seed=0)
     assert (manifest["split_source"] == "folder").all()
     assert (manifest["split"] == manifest["path"].str.split("/").str[0]).all()
@@ -138,7 +169,7 @@ def test_carving_ignores_file_creation_order(tmp_path: Path) -> None:
     for root, order in ((tmp_path / "one", names), (tmp_path / "two", names[::-1])):
         for name in order:
             for label in ("x", "y"):
-                make_image(root / "train" / label / name, seed=int(name[4:6]))
+                make_image(root / "train" / label / name, seed=int(name[4:6]) + 100 * (label == "y"))
     one, two = (build_manifest(tmp_path / name, 0.25, 0.25, seed=3) for name in ("one", "two"))
     assert split_of(one) == split_of(two)
     assert set(one["split"]) == {"train", "val", "test"}
@@ -146,7 +177,7 @@ def test_carving_ignores_file_creation_order(tmp_path: Path) -> None:
 
 def test_missing_test_split_is_carved_and_val_folder_kept(tmp_path: Path) -> None:
     make_classes(tmp_path / "train", {"a": 10, "b": 10})
-    make_classes(tmp_path / "val", {"a": 2, "b": 2})
+    make_classes(tmp_path / "val", {"a": 2, "b": 2}, seed=500)
     manifest = build_manifest(tmp_path, 0.5, 0.2, seed=0)
     val = manifest[manifest["split"] == "val"]
     assert len(val) == 4 and (val["split_source"] == "folder").all()
@@ -165,10 +196,10 @@ def _error_layouts(root: Path) -> dict[str, tuple[Path, str]]:
     make_classes(root / "no_usable/train", {"a": 3})
     (root / "no_usable/train/b").mkdir(parents=True)
     (root / "no_usable/train/b/broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    make_classes(root / "no_usable/test", {"a": 1, "b": 1})
+    make_classes(root / "no_usable/test", {"a": 1, "b": 1}, seed=500)
     make_classes(root / "single", {"a": 4})
     make_classes(root / "differ/train", {"a": 3, "b": 3})
-    make_classes(root / "differ/test", {"a": 1, "c": 1})
+    make_classes(root / "differ/test", {"a": 1, "c": 1}, seed=500)
     make_classes(root / "no_train/val", {"a": 2, "b": 2})
     make_classes(root / "tiny", {"a": 10, "b": 2})
     return {

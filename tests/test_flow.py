@@ -132,3 +132,20 @@ def test_data_with_another_label_set_gets_its_own_registered_model(base_override
     version = client.get_model_version(summary["model_name"], summary["decision"].challenger)
     assert json.loads(version.tags["labels"]) == ["clear", "opaque"] and summary["decision"].promoted
     assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == champion_before
+
+
+def test_an_npz_runs_through_the_flow(base_overrides, tmp_path):
+    """PneumoniaMNIST as it arrives, arrays in an .npz: versioned, listed by index, trained, registered."""
+    from conftest import pneumonia_npz
+
+    client = MlflowClient(tracking_uri(), tracking_uri())
+    path = pneumonia_npz(tmp_path / "pneumonia.npz", {"train": 40, "val": 10, "test": 15})
+
+    summary = retrain(overrides=[*base_overrides, f"data.path={path}", "data.label_names=[normal, pneumonia]",
+                                 "train.strategies=[feature_extraction]", "export.precisions=[]",
+                                 "registry.model_name=npz-classifier", "mlflow.experiment=npz"])
+
+    assert summary["data_version"].startswith("content-") and summary["skipped_images"] == 0
+    [version] = client.search_model_versions("name = 'npz-classifier'")
+    assert json.loads(version.tags["labels"]) == ["normal", "pneumonia"]
+    assert summary["registered"][0].metrics["test_accuracy"] > 0.5

@@ -1,4 +1,4 @@
-"""Tests for tasks.rollout: rollout math on hand-built attention, and capture from tiny random ViTs."""
+"""Tests for vitflow.explain: rollout math on hand-built attention, and capture from tiny random ViTs."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Tests for the rollout grid, the attention-rollout task and single-image explanations (tasks.rollout)."""
+"""The rollout grid, the attention-rollout task and single-image explanations (vitflow.explain, tasks.explain)."""
 
 
 import numpy as np

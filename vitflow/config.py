@@ -35,9 +35,12 @@ class FoundationConfig(Section):
 
 class DataConfigSection(Section):
     path: str = Field(min_length=1)
+    label_names: list[str] | None = None  # class names for sources that store class indices (e.g. an .npz)
     val_fraction: float = Field(ge=0, lt=1)
     test_fraction: float = Field(ge=0, lt=1)
     seed: int
+    duplicates: Literal["drop_from_eval", "keep", "error"] = "drop_from_eval"  # val/test copies of train images
+    min_per_class: int = Field(default=5, ge=1)  # warn when a class has fewer images in a split
 
 
 class ModelConfig(Section):

@@ -67,7 +67,8 @@ def prepare(config: Config) -> None:
     from vitflow.models import load_pretrained
 
     data, model = config.data, config.model
-    manifest = build_manifest(project_path(data.path), data.val_fraction, data.test_fraction, data.seed)
+    manifest = build_manifest(project_path(data.path), data.val_fraction, data.test_fraction, data.seed,
+                              data.label_names, data.duplicates)
     write_manifest(manifest, PREPARED / "manifest.csv")
     labels = class_labels(manifest)
     data_config = load_pretrained(model, labels, config.preprocess.image_size).data_config

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from vitflow.data.sources.base import Listing, Source
 from vitflow.data.sources.folder import ImageFolder
+from vitflow.data.sources.npz import NumpyArrays
 from vitflow.errors import VitflowError
 
 SOURCES: dict[str, Source] = {source.name: source for source in (
     ImageFolder(),
+    NumpyArrays(),
 )}
 
 __all__ = ["SOURCES", "Listing", "Source", "detect_source"]

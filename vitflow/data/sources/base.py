@@ -30,7 +30,8 @@ class Source:
     def matches(self, path: Path) -> bool:
         raise NotImplementedError
 
-    def list(self, path: Path) -> Listing:
+    def list(self, path: Path, label_names: list[str] | None = None) -> Listing:
+        """Every sample; `label_names`: class names for sources that store class indices (`data.label_names`)."""
         raise NotImplementedError
 
     def open(self, path: Path, key: str) -> Path | BinaryIO:

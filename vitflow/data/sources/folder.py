@@ -21,7 +21,7 @@ class ImageFolder(Source):
     def matches(self, path: Path) -> bool:
         return path.is_dir()
 
-    def list(self, path: Path) -> Listing:
+    def list(self, path: Path, label_names: list[str] | None = None) -> Listing:
         split_dirs = {name for name in _subdirs(path) if name in SPLITS}
         if split_dirs and "train" not in split_dirs:
             raise VitflowError(f"{path}: has {', '.join(sorted(split_dirs))}/ but no train/ folder; "
