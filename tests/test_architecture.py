@@ -57,3 +57,25 @@ def test_every_backend_and_source_implements_its_protocol():
             assert callable(getattr(backend, function)), (name, function)
     for name, source in SOURCES.items():
         assert source.name == name and source.description
+
+
+def test_logging_a_model_prints_none_of_mlflows_notes(tiny_hf_model, tmp_path):
+    """With the environment a command or flow sets up, MLflow's per-model notes stay out of the console."""
+    script = f"""
+from vitflow import environment
+environment.set_up()
+from vitflow.tracking import configure_mlflow, ensure_experiment, log_pyfunc_model
+from vitflow.models import load_model
+client = configure_mlflow()
+run = client.create_run(ensure_experiment(client, "quiet"))
+model_dir = load_model({str(tiny_hf_model)!r}, labels=["a", "b"]).save({str(tmp_path / "model")!r})
+print(log_pyfunc_model(run.info.run_id, "model", str(model_dir), {{}}).model_uri)
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "VITFLOW_WORK_DIR": str(tmp_path / "work")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().startswith("models:/")
+    for note in ("uv_utils", "Failed to resolve installed pip version", "An input example was not provided"):
+        assert note not in done.stderr, note
