@@ -5,11 +5,12 @@ import os
 import subprocess
 import sys
 
-from vitflow.data.sources import SOURCES
-from vitflow.models import BACKENDS
+import pytest
+
+from vitflow.config import TrainConfig, load_config
+from vitflow.errors import VitflowError
 from vitflow.paths import PROJECT_ROOT
-from vitflow.training.strategies import STRATEGIES
-from vitflow.training.strategies.base import Strategy
+from vitflow.training.strategies import STRATEGIES, resolve
 
 LIBRARY = ["vitflow", "vitflow.config", "vitflow.data.manifest", "vitflow.data.cache", "vitflow.models",
            "vitflow.training.loop", "vitflow.evaluation", "vitflow.explain.heatmaps", "vitflow.export",
@@ -43,20 +44,13 @@ def test_the_import_contracts_hold():
     assert "0 broken" in done.stdout
 
 
-def test_every_registered_strategy_declares_what_trains():
-    assert set(STRATEGIES) >= {"full", "partial", "feature_extraction"}
-    for name, strategy in STRATEGIES.items():
-        assert isinstance(strategy, Strategy) and strategy.name == name
-        assert strategy.Options.model_config.get("extra") == "forbid", name  # a misspelt setting is refused
-
-
-def test_every_backend_and_source_implements_its_protocol():
-    for name, backend in BACKENDS.items():
-        assert backend.name == name
-        for function in ("load", "recognises_checkpoint", "recognises_name", "owns", "run_with_attentions"):
-            assert callable(getattr(backend, function)), (name, function)
-    for name, source in SOURCES.items():
-        assert source.name == name and source.description
+def test_every_registered_strategy_refuses_a_misspelt_setting_by_name():
+    train = load_config().train
+    for name in STRATEGIES:
+        section = {**train.strategy_section(name), "lerning_rate": 1e-3}
+        with pytest.raises(VitflowError, match=rf"unknown setting 'train\.{name}\.lerning_rate'"):
+            resolve(TrainConfig(**{**train.model_dump(), name: section}), name)
+        assert resolve(train, name).name == name  # and its own section as shipped is valid
 
 
 def test_logging_a_model_prints_none_of_mlflows_notes(tiny_hf_model, tmp_path):

@@ -161,7 +161,6 @@ def log_strategy_run(client: MlflowClient, tracking: TrackingStart, train: Train
     registered = client.search_model_versions(f"name = '{model_name}' and tags.training_key = '{key}'")
     if registered:
         version = min(registered, key=lambda found: int(found.version))
-        client.set_tag(run_id, "model_version", str(version.version))
     else:
         model_info = log_pyfunc_model(run_id, "model", train.model_dir, {"precision": "fp32"})
         sidecar = read_sidecar(train.model_dir)
@@ -170,7 +169,7 @@ def log_strategy_run(client: MlflowClient, tracking: TrackingStart, train: Train
                         "image_size": str(sidecar["data_config"]["image_size"]),
                         **{name: f"{metrics[name]:.6g}" for name in ("test_accuracy", "test_macro_f1")}}
         version = mlflow.register_model(model_info.model_uri, model_name, tags=version_tags)
-        client.set_tag(run_id, "model_version", str(version.version))
+    client.set_tag(run_id, "model_version", str(version.version))
     client.set_terminated(run_id)
     return RegisteredVersion(train.strategy, run_id, version.version, metrics)
 

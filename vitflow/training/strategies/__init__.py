@@ -48,8 +48,8 @@ def get_strategy(name: str) -> Strategy:
 def resolve(train: TrainConfig, name: str, source: str = "params.yaml") -> ResolvedStrategy:
     """The strategy `name` with its settings; a bad `train.<name>` setting is one line naming it."""
     strategy = get_strategy(name)
-    section = train.strategy_section(name)
-    shared = {key: value for key, value in section.items() if key in train.shared()}
+    section, shared_names = train.strategy_section(name), train.shared()
+    shared = {key: value for key, value in section.items() if key in shared_names}
     own = {key: value for key, value in section.items() if key not in shared}
     try:
         settings = TrainConfig.model_validate({**train.model_dump(exclude=set(train.model_extra or {})), **shared})
