@@ -1,6 +1,6 @@
 """Benchmark reduced-precision exports and attention rollout, and print tables for the README.
 
-    uv run python -m benchmarks.bench_precision [--model-dir DIR] [--cache FILE]
+    uv run python -m benchmarks.bench_precision [--model-dir DIR] [--cache DIR]
 
 Defaults: the local registry's champion and the newest preprocessed cache in .vitflow/cache.
 For each precision: latency per image at batch 1, throughput at batch 32, size on disk, test
@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.machine import machine
 from vitflow.config import load_config
-from vitflow.data.cache import load_split
+from vitflow.data.cache import is_readable_cache, load_split
 from vitflow.data.images import normalize
 from vitflow.explain.heatmaps import explain
 from vitflow.export import benchmark_latency, export_and_verify, weights_bytes
@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     model_dir = args.model_dir or champion_dir()
-    cache = args.cache or str(max((work_dir() / "cache").glob("*.safetensors"), key=lambda path: path.stat().st_mtime))
+    caches = [path for path in (work_dir() / "cache").glob("[!.]*") if is_readable_cache(path)]
+    cache = args.cache or str(max(caches, key=lambda path: path.stat().st_mtime))
     test = load_split(cache, "test")
     out_root = Path(tempfile.mkdtemp(prefix="vitflow-precision-"))
 

@@ -36,7 +36,7 @@ class StrategyBranch:
     config: Config
     tracking: TrackingStart
     model: ModelConfig  # with the source resolved
-    cache_file: str
+    cache_dir: str
     manifest_csv: str
     model_name: str  # the registered model this data's label set goes to
 
@@ -49,12 +49,12 @@ def strategy_task(strategy: str, branch: StrategyBranch) -> RegisteredVersion:
     (threads by default, or Dask workers on other machines).
     """
     config = branch.config
-    trained = fine_tune_task(branch.model, config.preprocess.image_size, branch.cache_file, strategy, config.train)
-    evaluation = evaluate_task(trained.model_dir, branch.cache_file, config.evaluate.batch_size, trained.history)
+    trained = fine_tune_task(branch.model, config.preprocess.image_size, branch.cache_dir, strategy, config.train)
+    evaluation = evaluate_task(trained.model_dir, branch.cache_dir, config.evaluate.batch_size, trained.history)
     version = log_strategy_task(branch.tracking, trained, evaluation, config.as_dict(), branch.manifest_csv,
                                 branch.model_name)
-    rollout_task(trained.model_dir, branch.cache_file, version.run_id, config.explain)
-    exports = export_task(trained.model_dir, branch.cache_file, config.export, config.evaluate.batch_size)
+    rollout_task(trained.model_dir, branch.cache_dir, version.run_id, config.explain)
+    exports = export_task(trained.model_dir, branch.cache_dir, config.export, config.evaluate.batch_size)
     log_exports_task(version.run_id, exports)
     return version
 
@@ -97,15 +97,15 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
     manifest = build_manifest_task(str(plan.data_path), config.data, manifest_csv)
     model_name = model_name_task(config.registry, manifest)
     data_config = inspect_model_task(plan.model, config.preprocess.image_size)
-    cache_file = preprocess_task(manifest, str(plan.data_path), data_version.hash, data_config,
-                                 str(work_dir() / "cache"))
+    cache_dir = preprocess_task(manifest, str(plan.data_path), data_version.hash, data_config,
+                                str(work_dir() / "cache"), config.data.workers)
 
-    branch = StrategyBranch(config, tracking, plan.model, cache_file, manifest_csv, model_name)
+    branch = StrategyBranch(config, tracking, plan.model, cache_dir, manifest_csv, model_name)
     futures = [strategy_task.submit(strategy.name, branch) for strategy in plan.strategies]
     registered = [future.result() for future in futures]
 
     decision = promote_task(tracking.parent_run_id, model_name, config.registry, registered, data_version.hash,
-                            cache_file, config.evaluate.batch_size)
+                            cache_dir, config.evaluate.batch_size)
     publish_comparison_task(config.mlflow.experiment, model_name, tracking.parent_run_id)
     return {**summary, "nothing_to_do": False, "registered": registered, "decision": decision,
             "model_name": model_name, "skipped_images": int((manifest["status"] != "ok").sum())}

@@ -1,6 +1,6 @@
 """Fine-tune one strategy on several GPUs (or CPU processes) with torch distributed: launch it with torchrun.
 
-    uv run torchrun --nproc_per_node 4 scripts/train_distributed.py --cache .vitflow/cache/<key>.safetensors \\
+    uv run torchrun --nproc_per_node 4 scripts/train_distributed.py --cache .vitflow/cache/<key> \\
         --model models/foundation --strategy full --out runs/full [--set train.epochs=5]
 
 Every rank loads params.yaml, the model and the preprocessed cache (`vitflow run` or the `preprocess` task
@@ -24,7 +24,7 @@ from vitflow.training.strategies import STRATEGIES, resolve
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", required=True, help="preprocessed .safetensors file (labels in its metadata)")
+    parser.add_argument("--cache", required=True, help="a preprocessed cache directory (vitflow.data.cache)")
     parser.add_argument("--model", help="model source; default: model.source in params.yaml")
     parser.add_argument("--strategy", required=True, choices=list(STRATEGIES))
     parser.add_argument("--out", required=True, help="directory for model/ and result.json")

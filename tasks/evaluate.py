@@ -8,7 +8,7 @@ from vitflow.models import load_model
 
 
 @task(name="evaluate")
-def evaluate_task(model_dir: str, cache_file: str, batch_size: int, history: list[dict] | None = None) -> EvalResult:
+def evaluate_task(model_dir: str, cache_dir: str, batch_size: int, history: list[dict] | None = None) -> EvalResult:
     """Score the model on the test split; report files go beside the model, in `evaluation/`."""
-    return evaluate_model(load_model(model_dir), load_split(cache_file, "test"), Path(model_dir).parent / "evaluation",
+    return evaluate_model(load_model(model_dir), load_split(cache_dir, "test"), Path(model_dir).parent / "evaluation",
                           batch_size, history)

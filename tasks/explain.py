@@ -19,10 +19,10 @@ def artifact_key(run_name: str) -> str:
 
 
 @tracking_task(name="attention-rollout")
-def rollout_task(model_dir: str, cache_file: str, run_id: str, explain: ExplainConfig) -> dict:
+def rollout_task(model_dir: str, cache_dir: str, run_id: str, explain: ExplainConfig) -> dict:
     """Draw the rollout grid for the test split, log it to MLflow run `run_id` under rollout/ and report it
     as a Markdown artifact; returns the `rollout_grid` result plus "artifact_uri", where MLflow keeps the PNG."""
-    result = rollout_grid(load_model(model_dir), load_split(cache_file, "test"),
+    result = rollout_grid(load_model(model_dir), load_split(cache_dir, "test"),
                           Path(model_dir).parent / "rollout" / "attention_rollout.png", explain.images,
                           explain.head_fusion, explain.discard_ratio)
     with tracking_server_errors():

@@ -24,8 +24,8 @@ def inspect_model_task(model: ModelConfig, image_size: int | None) -> DataConfig
 
 @task(name="preprocess")
 def preprocess_task(manifest: pd.DataFrame, data_path: str, data_version: str, data_config: DataConfig,
-                    cache_dir: str) -> str:
-    """Returns the cache file, named by `cache_key`, so a re-run on the same data decodes nothing."""
+                    cache_root: str, workers: int | None) -> str:
+    """Returns the cache directory, named by `cache_key`, so a re-run on the same data decodes nothing."""
     labels = class_labels(manifest)
-    cache_file = Path(cache_dir) / f"{cache_key(data_version, manifest, data_config, labels)}.safetensors"
-    return str(preprocess_dataset(manifest, data_path, data_config, labels, cache_file))
+    cache_dir = Path(cache_root) / cache_key(data_version, manifest, data_config, labels)
+    return str(preprocess_dataset(manifest, data_path, data_config, labels, cache_dir, workers))

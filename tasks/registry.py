@@ -20,10 +20,10 @@ def model_name_task(registry: RegistryConfig, manifest: pd.DataFrame) -> str:
 
 @tracking_task(name="promote")
 def promote_task(parent_run_id: str, model_name: str, registry: RegistryConfig,
-                 candidates: list[RegisteredVersion], data_version: str, cache_file: str,
+                 candidates: list[RegisteredVersion], data_version: str, cache_dir: str,
                  eval_batch_size: int) -> PromotionDecision:
     """Promote by the rule, re-scoring an older champion on this run's test split when needed."""
-    rescore = champion_rescorer(model_name, registry.metric, cache_file, eval_batch_size, work_dir() / "champion-eval")
+    rescore = champion_rescorer(model_name, registry.metric, cache_dir, eval_batch_size, work_dir() / "champion-eval")
     with tracking_server_errors():
         client = configure_mlflow()
         decision = promote(client, model_name, candidates, registry.metric, registry.min_improvement, data_version,

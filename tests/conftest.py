@@ -76,6 +76,26 @@ def pneumonia_npz(path: Path, per_split: dict[str, int]) -> Path:
     return path
 
 
+def write_cache(cache_dir: Path, split: str, images, labels) -> Path:
+    """A preprocessed cache holding exactly these uint8 images [N, 3, S, S] and class indices, made the way
+    the flow makes one: saved as PNGs, then preprocessed at their own size (so nothing is resampled)."""
+    import pandas as pd
+
+    from vitflow.data.cache import preprocess_dataset
+    from vitflow.models import DataConfig
+
+    folder = cache_dir.with_name(f"{cache_dir.name}-images")
+    folder.mkdir(parents=True)
+    names = [str(index) for index in range(int(labels.max()) + 1)]
+    rows = []
+    for index, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:05d}.png")
+        rows.append({"path": f"{index:05d}.png", "label": names[label], "split": split, "status": "ok"})
+    side = images.shape[-1]
+    return preprocess_dataset(pd.DataFrame(rows), folder, DataConfig(side, side, (0.5,) * 3, (0.5,) * 3), names,
+                              cache_dir, workers=0, progress=False)
+
+
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return _SESSION_DIR
@@ -89,6 +109,22 @@ def tiny_hf_model(session_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_timm_model(session_dir) -> Path:
     return save_tiny_timm_vit(session_dir / "tiny-timm-vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(session_dir) -> Path:
+    """DINOv2 like the default foundation model (position embeddings interpolated to any input size); 32x32."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2ForImageClassification
+
+    directory = session_dir / "tiny-dinov2"
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                          image_size=TINY_IMAGE_SIZE, patch_size=8, num_labels=3)
+    Dinov2ForImageClassification(config).save_pretrained(directory)
+    BitImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE,
+                      "width": TINY_IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -71,22 +71,7 @@ def cache(pneumonia_folder, tiny_hf_model, tmp_path_factory) -> Path:
              "checksum": "", "status": "ok"} for path in sorted(pneumonia_folder.rglob("*.png"))]
     config = load_model(str(tiny_hf_model), LABELS).data_config
     return preprocess_dataset(pd.DataFrame(rows), pneumonia_folder, config, LABELS,
-                              tmp_path_factory.mktemp("cache") / "data.safetensors", progress=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_dinov2(tmp_path_factory) -> Path:
-    """DINOv2, like the default foundation model: its mask token is trainable under `full` yet never used."""
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2ForImageClassification
-
-    directory = tmp_path_factory.mktemp("tiny-dinov2")
-    torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32,
-                          patch_size=8, num_labels=3)
-    Dinov2ForImageClassification(config).save_pretrained(directory)
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
-                      image_std=[0.5] * 3).save_pretrained(directory)
-    return directory
+                              tmp_path_factory.mktemp("cache") / "data", progress=False)
 
 
 def test_batches_are_dealt_like_distributed_sampler(monkeypatch):

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import write_cache
 from torch import nn
 
 from vitflow.data.images import normalize
@@ -154,17 +154,15 @@ def test_unknown_precision_is_refused_before_any_work(tiny_hf_model, tmp_path):
     with pytest.raises(VitflowError, match="export precision 'int4'.*fp32, fp16, bf16, int8"):
         export_model(tiny_hf_model, "int4", tmp_path / "out")
     with pytest.raises(VitflowError, match="export precision 'fp8'"):
-        export_and_verify(tiny_hf_model, tmp_path / "missing.safetensors", tmp_path / "out", ("fp16", "fp8"))
+        export_and_verify(tiny_hf_model, tmp_path / "missing", tmp_path / "out", ("fp16", "fp8"))
     assert not (tmp_path / "out").exists()
 
 
 def test_export_and_verify_returns_a_record_per_precision(tiny_timm_model, tmp_path):
     images, labels = random_images(20, seed=1)
-    cache_file = tmp_path / "cache.safetensors"
-    save_file({"test.images": images, "test.labels": labels}, cache_file,
-              metadata={"paths": json.dumps({"test": [f"{i}.png" for i in range(20)]}), "labels": "[]"})
+    cache_dir = write_cache(tmp_path / "cache", "test", images, labels)
 
-    records = export_and_verify(str(tiny_timm_model), str(cache_file), tmp_path / "exports", ("fp16", "int8"))
+    records = export_and_verify(str(tiny_timm_model), str(cache_dir), tmp_path / "exports", ("fp16", "int8"))
 
     assert [r["precision"] for r in records] == ["fp16", "int8"]
     assert all(set(r) == RECORD_KEYS for r in records)

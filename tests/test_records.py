@@ -2,16 +2,17 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from safetensors.torch import save_file
 
 from vitflow import locks
 from vitflow.config import ModelConfig, TrainConfig
@@ -137,45 +138,66 @@ def cache(pneumonia_folder, tiny_hf_model, tmp_path_factory):
              "checksum": "", "status": "ok"} for path in sorted(pneumonia_folder.rglob("*.png"))]
     config = load_model(str(tiny_hf_model), LABELS).data_config
     return preprocess_dataset(pd.DataFrame(rows), pneumonia_folder, config, LABELS,
-                              tmp_path_factory.mktemp("cache") / "data.safetensors", progress=False), rows, config
+                              tmp_path_factory.mktemp("cache") / "data", workers=0, progress=False), rows, config
 
 
-def test_a_truncated_preprocessing_cache_is_detected_and_rebuilt(cache, pneumonia_folder, tmp_path):
-    cache_file, rows, config = cache
-    broken = tmp_path / "data.safetensors"
-    broken.write_bytes(cache_file.read_bytes()[: cache_file.stat().st_size // 2])
-    assert is_readable_cache(cache_file) and not is_readable_cache(broken)
+def same_cache(one: Path, other: Path) -> bool:
+    return all(torch.equal(load_split(one, split).images, load_split(other, split).images)
+               and torch.equal(load_split(one, split).labels, load_split(other, split).labels)
+               and load_split(one, split).paths == load_split(other, split).paths for split in ("train", "val", "test"))
 
-    preprocess_dataset(pd.DataFrame(rows), pneumonia_folder, config, LABELS, broken, progress=False)
 
-    assert is_readable_cache(broken)
-    for split in ("train", "val", "test"):
-        rebuilt, original = load_split(broken, split), load_split(cache_file, split)
-        assert torch.equal(rebuilt.images, original.images) and torch.equal(rebuilt.labels, original.labels)
-        assert rebuilt.paths == original.paths
+@pytest.mark.parametrize("damage", ["truncated images", "missing labels", "missing meta", "half-written meta"])
+def test_a_broken_preprocessing_cache_is_detected_and_rebuilt(cache, pneumonia_folder, tmp_path, damage):
+    cache_dir, rows, config = cache
+    broken = tmp_path / "data"
+    shutil.copytree(cache_dir, broken)
+    if damage == "truncated images":  # a crash or a full disk mid-write
+        images = broken / "val.images.npy"
+        images.write_bytes(images.read_bytes()[: images.stat().st_size - 100])
+    elif damage == "missing labels":
+        (broken / "test.labels.npy").unlink()
+    elif damage == "missing meta":
+        (broken / "meta.json").unlink()
+    else:
+        (broken / "meta.json").write_text((broken / "meta.json").read_text()[:40])
+    assert is_readable_cache(cache_dir) and not is_readable_cache(broken)
+
+    preprocess_dataset(pd.DataFrame(rows), pneumonia_folder, config, LABELS, broken, workers=0, progress=False)
+
+    assert is_readable_cache(broken) and same_cache(broken, cache_dir)
+
+
+def test_parallel_and_single_process_preprocessing_write_identical_caches(cache, pneumonia_folder, tmp_path):
+    cache_dir, rows, config = cache
+    parallel = preprocess_dataset(pd.DataFrame(rows), pneumonia_folder, config, LABELS, tmp_path / "parallel",
+                                  workers=2, progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["parallel"]  # no staging folder left
+    for file in sorted(cache_dir.iterdir()):
+        assert (parallel / file.name).read_bytes() == file.read_bytes(), file.name
 
 
 def test_a_training_is_reused_only_when_complete(cache, tiny_hf_model, tmp_path):
-    cache_file = cache[0]
+    cache_dir = cache[0]
     model = ModelConfig(source=str(tiny_hf_model))
     train = TrainConfig(strategies=["feature_extraction"], seed=0, epochs=2, batch_size=16, lr_backbone=1e-3,
                         lr_head=1e-3, weight_decay=0.0, warmup_ratio=0.1, crop_scale_min=0.6)
     resolved = resolve(train, "feature_extraction")
     out_dir = tmp_path / "fingerprint" / "feature_extraction"
 
-    first = train_or_reuse(model, LABELS, None, cache_file, resolved, out_dir, progress=False)
+    first = train_or_reuse(model, LABELS, None, cache_dir, resolved, out_dir, progress=False)
     assert sorted(path.name for path in out_dir.parent.iterdir()) == ["feature_extraction"]  # no staging left
     assert first.model_dir == str(out_dir / "model")
-    again = train_or_reuse(model, LABELS, None, cache_file, resolved, out_dir, progress=False)
+    again = train_or_reuse(model, LABELS, None, cache_dir, resolved, out_dir, progress=False)
     assert again == first  # reused: the same timings, not a new training
 
     weights = next((out_dir / "model").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])  # a crash or a full disk
-    rebuilt = train_or_reuse(model, LABELS, None, cache_file, resolved, out_dir, progress=False)
+    rebuilt = train_or_reuse(model, LABELS, None, cache_dir, resolved, out_dir, progress=False)
     assert rebuilt.history == first.history  # trained again, seeded: the same epochs
     assert load_model(rebuilt.model_dir).labels == LABELS
     (out_dir / RESULT_FILE).unlink()
-    assert train_or_reuse(model, LABELS, None, cache_file, resolved, out_dir, progress=False).history == first.history
+    assert train_or_reuse(model, LABELS, None, cache_dir, resolved, out_dir, progress=False).history == first.history
 
 
 # --------------------------------------------------------------------------- safe loading
@@ -193,10 +215,3 @@ def test_pickled_weights_are_refused_unless_allowed(tiny_hf_model, tmp_path):
                                            r"model.allow_pickle: true"):
         load_model(str(pickled))
     assert load_model(str(pickled), allow_pickle=True).labels == load_model(str(tiny_hf_model)).labels
-
-
-def test_a_cache_without_its_tensors_is_not_readable(tmp_path):
-    partial = tmp_path / "partial.safetensors"
-    save_file({"train.images": torch.zeros(1, 3, 2, 2, dtype=torch.uint8)}, partial,
-              metadata={"paths": json.dumps({"train": ["a"]}), "labels": "[]"})
-    assert not is_readable_cache(partial)

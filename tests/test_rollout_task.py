@@ -20,11 +20,11 @@ from vitflow.tracking import configure_mlflow
 LABELS = ["normal", "pneumonia"]
 
 
-def preprocess_test_split(folder, data_config, cache_file):
+def preprocess_test_split(folder, data_config, cache_dir):
     """The test images of an image folder as a preprocessed cache file."""
     rows = [{"path": str(path.relative_to(folder)), "label": path.parent.name, "split": "test", "checksum": "",
              "status": "ok"} for path in sorted((folder / "test").rglob("*.png"))]
-    return preprocess_dataset(pd.DataFrame(rows), folder, data_config, LABELS, cache_file, progress=False)
+    return preprocess_dataset(pd.DataFrame(rows), folder, data_config, LABELS, cache_dir, progress=False)
 
 
 def shuffled(split: SplitTensors, seed: int = 0) -> SplitTensors:

@@ -30,7 +30,7 @@ def splits(pneumonia_folder, tiny_hf_model, tmp_path_factory):
              "checksum": "", "status": "ok"} for path in sorted(pneumonia_folder.rglob("*.png"))]
     config = load_model(str(tiny_hf_model), LABELS).data_config
     cache = preprocess_dataset(pd.DataFrame(rows), pneumonia_folder, config, LABELS,
-                               tmp_path_factory.mktemp("cache") / "data.safetensors", progress=False)
+                               tmp_path_factory.mktemp("cache") / "data", progress=False)
     return load_split(cache, "train"), load_split(cache, "val")
 
 
@@ -116,12 +116,12 @@ def test_training_is_seeded(splits, tiny_hf_model, tmp_path):
 
 def test_training_dir_follows_data_settings_and_strategy(tmp_path):
     full = resolve(TRAIN, "full").as_dict()
-    base = training_dir(tmp_path, "cache/abc.safetensors", "model", None, full)
-    assert base == training_dir(tmp_path, "cache/abc.safetensors", "model", None, full)
+    base = training_dir(tmp_path, "cache/abc", "model", None, full)
+    assert base == training_dir(tmp_path, "cache/abc", "model", None, full)
     assert base.name == "full"
-    other_data = training_dir(tmp_path, "cache/def.safetensors", "model", None, full)
-    other_epochs = training_dir(tmp_path, "cache/abc.safetensors", "model", None, {**full, "epochs": 3})
-    partial_blocks = [training_dir(tmp_path, "cache/abc.safetensors", "model", None,
+    other_data = training_dir(tmp_path, "cache/def", "model", None, full)
+    other_epochs = training_dir(tmp_path, "cache/abc", "model", None, {**full, "epochs": 3})
+    partial_blocks = [training_dir(tmp_path, "cache/abc", "model", None,
                                    resolve(sections(partial={"blocks": blocks}), "partial").as_dict())
                       for blocks in (1, 2)]
     assert len({base.parent, other_data.parent, other_epochs.parent, *(path.parent for path in partial_blocks)}) == 5

@@ -41,6 +41,7 @@ class DataConfigSection(Section):
     seed: int
     duplicates: Literal["drop_from_eval", "keep", "error"] = "drop_from_eval"  # val/test copies of train images
     min_per_class: int = Field(default=5, ge=1)  # warn when a class has fewer images in a split
+    workers: int | None = Field(default=None, ge=0)  # decoding processes; None: one per core, 0: in-process
 
 
 class ModelConfig(Section):

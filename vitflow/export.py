@@ -80,12 +80,12 @@ def compare_precisions(fp32_model_dir: Path | str, exported_dir: Path | str, pre
     }
 
 
-def export_and_verify(model_dir: Path | str, cache_file: Path | str, out_root: Path | str,
+def export_and_verify(model_dir: Path | str, cache_dir: Path | str, out_root: Path | str,
                       precisions: Sequence[str] = ("fp16", "bf16", "int8"), batch_size: int = 32) -> list[dict]:
     """Export `model_dir` at each precision into `out_root/<precision>`; one record each, on the test split."""
     for precision in precisions:
         check_precision(precision)
-    test = load_split(cache_file, "test")
+    test = load_split(cache_dir, "test")
     reference_logits = predict_logits(load_exported(model_dir), test.images, batch_size)
     return [compare_precisions(model_dir, export_model(model_dir, precision, Path(out_root) / precision), precision,
                                test.images, test.labels, batch_size, reference_logits)

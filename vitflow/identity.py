@@ -56,8 +56,8 @@ def run_fingerprint(data_version: str, params: dict) -> str:
     return fingerprint(data_version, params, code_version(PROJECT_CODE))
 
 
-def training_dir(work_dir: Path | str, cache_file: str, model_source: str, image_size: int | None,
+def training_dir(work_dir: Path | str, cache_dir: str, model_source: str, image_size: int | None,
                  strategy_settings: dict) -> Path:
     """Where a training's outputs go: named by data and preprocessing (the cache file), model, settings and code."""
-    key = fingerprint(Path(cache_file).stem, model_source, image_size, strategy_settings, code_version())
+    key = fingerprint(Path(cache_dir).stem, model_source, image_size, strategy_settings, code_version())
     return Path(work_dir) / "models" / key / strategy_settings["strategy"]

@@ -348,14 +348,14 @@ def promote(client: MlflowClient, model_name: str, candidates: list[RegisteredVe
                              promoted=promoted, reason=reason)
 
 
-def champion_rescorer(model_name: str, metric: str, cache_file: str, batch_size: int,
+def champion_rescorer(model_name: str, metric: str, cache_dir: str, batch_size: int,
                       out_dir: Path | str) -> Callable[[ModelVersion], float]:
-    """For `promote`: scores a registered version on the test split of the preprocessed `cache_file`."""
+    """For `promote`: scores a registered version on the test split of the preprocessed `cache_dir`."""
     from vitflow.serving import load_logged_model
 
     def score(version: ModelVersion) -> float:
         model = load_logged_model(f"models:/{model_name}/{version.version}")
-        result = evaluate_model(model, load_split(cache_file, "test"), out_dir, batch_size)
+        result = evaluate_model(model, load_split(cache_dir, "test"), out_dir, batch_size)
         return result.metrics[f"test_{metric}"]
 
     return score

@@ -9,7 +9,7 @@
 `dvc.yaml` runs them (`dvc repro`, `dvc exp run --set-param train.epochs=5`). Paths in params.yaml are
 relative to the project; everything but the foundation checkpoint is written under `pipeline/`:
 
-    prepared/        manifest.csv, data.safetensors (every split preprocessed for the model, labels in its metadata)
+    prepared/        manifest.csv, cache/ (every split preprocessed for the model: vitflow.data.cache)
     models/S/        the fine-tuned model (model/) and result.json
     evaluation/S/    evaluate_model's report files
     exports/S/       one directory per precision
@@ -32,7 +32,7 @@ from vitflow.paths import PARAMS_FILE, PROJECT_ROOT, project_path
 
 PIPELINE = Path("pipeline")
 PREPARED = PIPELINE / "prepared"
-CACHE_FILE = PREPARED / "data.safetensors"
+CACHE_DIR = PREPARED / "cache"
 METRICS = PIPELINE / "metrics"
 PLOTS = PIPELINE / "plots"
 FOUNDATION_METRICS = PROJECT_ROOT / "metrics" / "foundation.json"
@@ -72,7 +72,8 @@ def prepare(config: Config) -> None:
     write_manifest(manifest, PREPARED / "manifest.csv")
     labels = class_labels(manifest)
     data_config = load_pretrained(model, labels, config.preprocess.image_size).data_config
-    preprocess_dataset(manifest, project_path(data.path), data_config, labels, CACHE_FILE, progress=False)
+    preprocess_dataset(manifest, project_path(data.path), data_config, labels, CACHE_DIR, data.workers,
+                       progress=False)
 
 
 def train(config: Config, strategy: str) -> None:
@@ -83,7 +84,7 @@ def train(config: Config, strategy: str) -> None:
     from vitflow.training.loop import train_from_cache
     from vitflow.training.strategies import resolve
 
-    result = train_from_cache(config.model, load_labels(CACHE_FILE), config.preprocess.image_size, CACHE_FILE,
+    result = train_from_cache(config.model, load_labels(CACHE_DIR), config.preprocess.image_size, CACHE_DIR,
                               resolve(config.train, strategy), model_root(strategy), progress=False)
     write_json(METRICS / f"train-{strategy}.json",
                {"train_seconds": result.train_seconds, "trainable_params": result.trainable_params,
@@ -104,7 +105,7 @@ def evaluate(config: Config, strategy: str) -> None:
     from vitflow.training.loop import RESULT_FILE
 
     model = load_model(str(model_root(strategy) / "model"))
-    test = load_split(CACHE_FILE, "test")
+    test = load_split(CACHE_DIR, "test")
     history = json.loads((model_root(strategy) / RESULT_FILE).read_text())["history"]
     result = evaluate_model(model, test, PIPELINE / "evaluation" / strategy, config.evaluate.batch_size, history)
     write_json(METRICS / f"eval-{strategy}.json", result.metrics)
@@ -117,7 +118,7 @@ def export(config: Config, strategy: str) -> None:
     """In: export.precisions, evaluate.batch_size and the trained model. Out: exports and their records."""
     from vitflow.export import export_and_verify
 
-    records = export_and_verify(model_root(strategy) / "model", CACHE_FILE, PIPELINE / "exports" / strategy,
+    records = export_and_verify(model_root(strategy) / "model", CACHE_DIR, PIPELINE / "exports" / strategy,
                                 config.export.precisions, config.evaluate.batch_size)
     write_json(METRICS / f"export-{strategy}.json",
                {record["precision"]: {key: value for key, value in record.items() if key not in ("precision", "path")}

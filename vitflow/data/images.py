@@ -38,13 +38,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize_and_crop(image: Image.Image, data_config: DataConfig) -> torch.Tensor:
-    """Resize the short side to `resize_size`, center-crop `image_size`; uint8 tensor [3, S, S]."""
+    """Resize the short side to `resize_size`, center-crop `image_size`; uint8 tensor [3, S, S].
+
+    The long side is rounded down, as transformers' image processors and torchvision's Resize do, and the
+    crop centred as the model's library does it, so the pixels match the model's own preprocessing.
+    """
     width, height = image.size
-    scale = data_config.resize_size / min(width, height)
-    new_size = (max(data_config.image_size, round(width * scale)), max(data_config.image_size, round(height * scale)))
+    short, long = sorted((width, height))
+    resized = (data_config.resize_size, max(data_config.image_size, int(data_config.resize_size * long / short)))
+    new_size = resized if width <= height else resized[::-1]
     image = image.resize(new_size, RESAMPLING[data_config.interpolation])
-    left = (new_size[0] - data_config.image_size) // 2
-    top = (new_size[1] - data_config.image_size) // 2
+    centre = (lambda margin: margin // 2) if data_config.crop_offset == "floor" else (lambda margin: round(margin / 2))
+    left, top = (centre(side - data_config.image_size) for side in new_size)
     image = image.crop((left, top, left + data_config.image_size, top + data_config.image_size))
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 

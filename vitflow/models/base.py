@@ -8,7 +8,7 @@ it, loads checkpoints, and captures attention maps for explanations.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -27,18 +27,19 @@ class DataConfig:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"  # "bicubic" | "bilinear" | "nearest"
+    crop_offset: str = "floor"  # how the model's library centres an odd margin: "floor" (transformers) | "round" (timm)
 
     @classmethod
     def from_dict(cls, values: dict) -> DataConfig:
         return cls(int(values["image_size"]), int(values["resize_size"]), tuple(values["mean"]), tuple(values["std"]),
-                   values["interpolation"])
+                   values["interpolation"], values.get("crop_offset", "floor"))
 
     def with_image_size(self, image_size: int | None) -> DataConfig:
         """The same config at another input size, keeping the resize/crop ratio."""
         if not image_size or image_size == self.image_size:
             return self
         resize = round(self.resize_size * image_size / self.image_size)
-        return DataConfig(image_size, resize, self.mean, self.std, self.interpolation)
+        return replace(self, image_size=image_size, resize_size=resize)
 
 
 @dataclass

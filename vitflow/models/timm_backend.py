@@ -74,7 +74,8 @@ def load(model_name: str, labels: list[str] | None, source: str, image_size: int
     data = timm.data.resolve_data_config(model=model)
     side = data["input_size"][-1]
     data_config = DataConfig(image_size=side, resize_size=int(side / data["crop_pct"]),
-                             mean=tuple(data["mean"]), std=tuple(data["std"]), interpolation=data["interpolation"])
+                             mean=tuple(data["mean"]), std=tuple(data["std"]), interpolation=data["interpolation"],
+                             crop_offset="round")  # torchvision's CenterCrop, which timm's transforms use
     return TimmClassifier(model, model_labels, data_config, source)
 
 

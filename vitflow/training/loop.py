@@ -137,16 +137,16 @@ def train_end_to_end(model: ImageClassifier, train: SplitTensors, val: SplitTens
     return history, len(train.labels) * settings.epochs
 
 
-def train_from_cache(model: ModelConfig, labels: list[str], image_size: int | None, cache_file: Path | str,
+def train_from_cache(model: ModelConfig, labels: list[str], image_size: int | None, cache_dir: Path | str,
                      resolved: ResolvedStrategy, out_dir: Path | str, progress: bool = True) -> TrainResult:
     """Load the pretrained model with a new head for `labels` and fine-tune it on the cache's train/val splits."""
     torch.manual_seed(resolved.settings.seed)  # the new head's initialisation
     classifier = load_pretrained(model, labels, image_size)
-    return fine_tune(classifier, load_split(cache_file, "train"), load_split(cache_file, "val"), resolved, out_dir,
+    return fine_tune(classifier, load_split(cache_dir, "train"), load_split(cache_dir, "val"), resolved, out_dir,
                      progress=progress)
 
 
-def train_or_reuse(model: ModelConfig, labels: list[str], image_size: int | None, cache_file: Path | str,
+def train_or_reuse(model: ModelConfig, labels: list[str], image_size: int | None, cache_dir: Path | str,
                    resolved: ResolvedStrategy, out_dir: Path | str, progress: bool = True) -> TrainResult:
     """The finished training in `out_dir` (named by a fingerprint of data, settings and code), or a new one.
 
@@ -163,7 +163,7 @@ def train_or_reuse(model: ModelConfig, labels: list[str], image_size: int | None
         shutil.rmtree(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    result = train_from_cache(model, labels, image_size, cache_file, resolved, staging, progress)
+    result = train_from_cache(model, labels, image_size, cache_dir, resolved, staging, progress)
     result.model_dir = str(out_dir / "model")
     result.save(staging / RESULT_FILE)
     staging.rename(out_dir)
