@@ -319,3 +319,21 @@ def test_shipped_data(tmp_path: Path) -> None:
     with Image.open(data_dir / "train/ants/imageNotFound.gif") as image:
         rgb = image.convert("RGB")
     assert rgb.size == (300, 300) and len(rgb.getcolors(1 << 16)) > 1
+
+
+def test_shipped_xray_example(tmp_path: Path) -> None:
+    """examples/pneumoniamnist.npz.dvc names the shipped X-rays, which the DVC remote in the repo holds; the
+    sidecar JSON names their classes."""
+    from dvc.api import DVCFileSystem
+
+    npz = tmp_path / "pneumoniamnist.npz"
+    DVCFileSystem(str(PROJECT_ROOT)).get("examples/pneumoniamnist.npz", str(npz))
+    (tmp_path / "pneumoniamnist.json").write_bytes((PROJECT_ROOT / "examples/pneumoniamnist.json").read_bytes())
+    manifest = build_manifest(npz, 0.15, 0.15, seed=42)
+    usable = manifest[manifest["status"] == "ok"]
+    assert usable.groupby(["split", "label"]).size().to_dict() == {
+        ("test", "normal"): 234, ("test", "pneumonia"): 234, ("train", "normal"): 1214,
+        ("train", "pneumonia"): 1214, ("val", "normal"): 135, ("val", "pneumonia"): 132}
+    # the published subsample has three val X-rays that are exact copies of training ones: dropped, and listed
+    assert manifest.loc[manifest["status"] != "ok", "path"].tolist() == ["val/39", "val/117", "val/120"]
+
