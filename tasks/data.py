@@ -4,16 +4,19 @@ from prefect.artifacts import create_table_artifact
 
 from vitflow.config import DataConfigSection
 from vitflow.data.manifest import build_manifest, summarise_manifest, write_manifest
+from vitflow.data.sources import versioned_path
 from vitflow.data.versioning import DataVersion, restore_data, version_data
 from vitflow.paths import PROJECT_ROOT
 
 
 @task(name="version-data", log_prints=True)
 def version_data_task(data_path: str) -> DataVersion:
-    """Restore `data_path` from DVC if it is missing, then version it."""
-    if restore_data(data_path, PROJECT_ROOT):
-        print(f"restored {data_path} from DVC")
-    version = version_data(data_path, PROJECT_ROOT)
+    """Restore the data at `data_path` from DVC if it is missing, then version it: the file or folder its
+    source says DVC tracks (a table: the table's folder)."""
+    versioned = versioned_path(data_path)
+    if restore_data(versioned, PROJECT_ROOT):
+        print(f"restored {versioned} from DVC")
+    version = version_data(versioned, PROJECT_ROOT)
     print(f"data version {version.hash} (tracked={version.tracked}, dirty={version.dirty})")
     return version
 

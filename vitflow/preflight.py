@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitflow.config import Config, ModelConfig, load_config
-from vitflow.data.sources import detect_source
+from vitflow.data.sources import detect_source, versioned_path
 from vitflow.errors import VitflowError
 from vitflow.models import check_safetensors_only, resolve_backend
 from vitflow.paths import PARAMS_FILE, project_path
@@ -33,8 +33,10 @@ def plan_run(params_file: Path | str = PARAMS_FILE, overrides: list[str] | None 
     data_path = project_path(config.data.path)
     if data_path.exists():
         detect_source(data_path)
-    elif not data_path.with_name(f"{data_path.name}.dvc").is_file():
-        raise VitflowError(f"{data_path}: data not found; set data.path or pass --data")
+    else:
+        restorable = versioned_path(data_path)  # what DVC would restore: the data, or a table's folder
+        if not restorable.with_name(f"{restorable.name}.dvc").is_file():
+            raise VitflowError(f"{data_path}: data not found; set data.path or pass --data")
     foundation = project_path(config.foundation.output)
     source = config.model.source
     in_project = project_path(source)

@@ -1,6 +1,8 @@
 """The data-source registry: what `data.path` points at decides how samples are listed and read.
 
-A new input format is one module with a `Source` subclass and one line in `SOURCES`.
+A new input format is one module with a `Source` subclass and one line in `SOURCES`. The first source
+that matches wins: the Hugging Face one before the image folder (which matches any folder) and the table
+(which matches any .csv or .parquet).
 """
 
 from __future__ import annotations
@@ -9,15 +11,19 @@ from pathlib import Path
 
 from vitflow.data.sources.base import Listing, Source
 from vitflow.data.sources.folder import ImageFolder
+from vitflow.data.sources.hf_datasets import HuggingFaceDataset
 from vitflow.data.sources.npz import NumpyArrays
+from vitflow.data.sources.table import Table
 from vitflow.errors import VitflowError
 
 SOURCES: dict[str, Source] = {source.name: source for source in (
+    HuggingFaceDataset(),
     ImageFolder(),
     NumpyArrays(),
+    Table(),
 )}
 
-__all__ = ["SOURCES", "Listing", "Source", "detect_source"]
+__all__ = ["SOURCES", "Listing", "Source", "detect_source", "versioned_path"]
 
 
 def detect_source(path: Path | str) -> Source:
@@ -30,3 +36,16 @@ def detect_source(path: Path | str) -> Source:
             return source
     raise VitflowError(f"{path}: not a data source vitflow reads; pass one of: "
                        + "; ".join(source.description for source in SOURCES.values()))
+
+
+def versioned_path(path: Path | str) -> Path:
+    """The file or folder DVC versions for the data at `path`, as its source says (a table: the table's folder).
+
+    While `path` is missing: its folder when that is missing too and has a .dvc file (a table whose folder
+    DVC restores), else `path`.
+    """
+    path = Path(path)
+    if path.exists():
+        return detect_source(path).versioned_path(path)
+    folder = path.parent
+    return folder if not folder.exists() and folder.with_name(f"{folder.name}.dvc").is_file() else path

@@ -38,5 +38,9 @@ class Source:
         """The encoded image of sample `key`: a file path or a binary stream."""
         raise NotImplementedError
 
+    def versioned_path(self, path: Path) -> Path:
+        """The file or folder DVC versions for the data at `path`: `path` itself, unless its samples live beside it."""
+        return path
+
     def check(self, path: Path, usable: pd.DataFrame, rows: pd.DataFrame) -> None:
         """Raise a VitflowError for a layout that cannot be trained on, after the images were decoded."""
