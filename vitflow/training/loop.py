@@ -80,11 +80,13 @@ def fine_tune(model: ImageClassifier, train: SplitTensors, val: SplitTensors, re
     if device is not None:
         model.to(device)
     torch.manual_seed(settings.seed)
+    resolved.strategy.prepare(model, resolved.options)
     trainable, total = set_trainable(model, resolved)
     start = time.perf_counter()
     fit = resolved.strategy.fit or train_end_to_end
     history, images_seen = fit(model, train, val, settings, resolved.options, progress)
     seconds = time.perf_counter() - start
+    resolved.strategy.finish(model, resolved.options)
     result = TrainResult(strategy=resolved.name, settings=resolved.as_dict(), model_dir=str(out_dir / "model"),
                          history=history,
                          trainable_params=trainable, total_params=total, train_seconds=round(seconds, 2),

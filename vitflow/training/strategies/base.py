@@ -31,8 +31,15 @@ class Strategy:
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
 
+    def prepare(self, model: ImageClassifier, options: BaseModel) -> None:
+        """Change the model before training (e.g. insert adapters); by default nothing."""
+
     def trainable_modules(self, model: ImageClassifier, options: BaseModel) -> list[nn.Module] | None:
-        """The modules whose parameters train; None: every parameter."""
+        """The modules whose parameters train (after `prepare`); None: every parameter."""
         return None
+
+    def finish(self, model: ImageClassifier, options: BaseModel) -> None:
+        """Before the model is saved, return it to its library's ordinary form (e.g. merge adapters into the
+        weights they adapt), so that it saves and loads like any checkpoint; by default nothing."""
 
     fit: Fit | None = None  # a strategy that trains differently (e.g. on cached features) sets its own
