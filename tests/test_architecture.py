@@ -15,7 +15,7 @@ from vitflow.training.strategies import STRATEGIES, resolve
 LIBRARY = ["vitflow", "vitflow.config", "vitflow.data.manifest", "vitflow.data.cache", "vitflow.models",
            "vitflow.training.loop", "vitflow.evaluation", "vitflow.explain.heatmaps", "vitflow.export",
            "vitflow.tracking", "vitflow.registry", "vitflow.reporting", "vitflow.serving", "vitflow.loading",
-           "vitflow.preflight", "vitflow.stages"]
+           "vitflow.preflight", "vitflow.stages", "vitflow.devices", "vitflow.prediction"]
 
 
 def test_importing_the_library_writes_nothing_and_sets_no_environment_variable(tmp_path):

@@ -1,4 +1,4 @@
-"""Training under torchrun: ranks get disjoint shares of the batches, end with one model, and rank 0 alone saves."""
+"""Training under `accelerate launch`: processes share the batches, end with one model, and the main one alone saves."""
 
 import json
 import math
@@ -16,10 +16,8 @@ from vitflow.data.cache import load_split, preprocess_dataset
 from vitflow.data.images import normalize
 from vitflow.models import load_model
 from vitflow.paths import PROJECT_ROOT
-from vitflow.training.distributed import shard_batches
 
 LABELS = ["normal", "pneumonia"]
-TORCHRUN = Path(sys.executable).parent / "torchrun"
 BATCH_SIZE, WORLD_SIZE = 16, 2
 
 # Runs the entry point given as its first argument and writes, per rank, what the test checks: optimizer
@@ -74,49 +72,30 @@ def cache(pneumonia_folder, tiny_hf_model, tmp_path_factory) -> Path:
                               tmp_path_factory.mktemp("cache") / "data", progress=False)
 
 
-def test_batches_are_dealt_like_distributed_sampler(monkeypatch):
-    n, batch_size, world = 37, 4, 3
-    monkeypatch.setenv("WORLD_SIZE", str(world))
-    shares = []
-    for rank in range(world):
-        monkeypatch.setenv("RANK", str(rank))
-        batches = shard_batches(n, batch_size, seed=0, epoch=1)
-        assert len(batches) == math.ceil(n / (batch_size * world))
-        assert all(torch.equal(a, b) for a, b in zip(batches, shard_batches(n, batch_size, 0, 1), strict=True))
-        shares.append(torch.cat(batches))
-    assert [len(share) for share in shares] == [math.ceil(n / world)] * world
-    dealt = torch.cat(shares)
-    assert set(dealt.tolist()) == set(range(n)) and len(dealt) == n + 2  # two wrap round to even the shares
-    assert not torch.equal(torch.cat(shard_batches(n, batch_size, 0, 2)), shares[-1])  # a new order each epoch
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    torch.manual_seed(0)
-    single = torch.cat(shard_batches(n, batch_size, 0, 1))
-    torch.manual_seed(0)
-    assert torch.equal(single, torch.randperm(n))  # one process shuffles as it always has
-
-
 UNUSED_BY_FULL = {"model.dinov2.embeddings.mask_token"}  # DDP must cope with a parameter `full` never uses
 
 
-def test_torchrun_trains_one_model_across_two_processes(tiny_dinov2, cache, tmp_path):
+def test_accelerate_launch_trains_one_model_across_two_processes(tiny_dinov2, cache, tmp_path):
     """On DINOv2, the default model's family."""
     model_dir, unused = tiny_dinov2, UNUSED_BY_FULL
     recorder, out, reports = tmp_path / "recorder.py", tmp_path / "out", tmp_path / "ranks"
     recorder.write_text(RECORDER)
     reports.mkdir()
-    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(WORLD_SIZE), str(recorder),
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD_SIZE),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(recorder),
                str(PROJECT_ROOT / "scripts" / "train_distributed.py"), "--cache", str(cache),
                "--model", str(model_dir), "--strategy", "full", "--out", str(out),
-               "--set", "train.epochs=1", "--set", f"train.batch_size={BATCH_SIZE}"]
+               "--set", "train.epochs=1", "--set", f"train.batch_size={BATCH_SIZE}", "--set", "train.precision=fp32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK_REPORTS": str(reports)}
     done = subprocess.run(command, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
     ranks = [json.loads((reports / f"{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     n_train = len(load_split(cache, "train").labels)
-    assert [rank["steps"] for rank in ranks] == [math.ceil(n_train / (BATCH_SIZE * WORLD_SIZE))] * WORLD_SIZE
+    batches = math.ceil(n_train / BATCH_SIZE)  # dealt round the processes, the last ones repeated to even them
+    assert [rank["steps"] for rank in ranks] == [math.ceil(batches / WORLD_SIZE)] * WORLD_SIZE
     assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept the replicas in step
-    assert ranks[0]["history"] == ranks[1]["history"]  # loss averaged, validation gathered, on every rank
+    assert ranks[0]["history"] == ranks[1]["history"]  # loss averaged, validated alike, on every rank
     assert [rank["saves"] for rank in ranks] == [2, 0]  # the model and the result, by rank 0 only
     assert sorted(path.name for path in out.iterdir()) == ["model", "result.json"]
     result = json.loads((out / "result.json").read_text())
@@ -129,6 +108,6 @@ def test_torchrun_trains_one_model_across_two_processes(tiny_dinov2, cache, tmp_
     val = load_split(cache, "val")
     with torch.no_grad():
         logits = trained(normalize(val.images, trained.data_config))
-    last = result["history"][-1]  # validated in shares gathered from the ranks: as if on one process
+    last = result["history"][-1]  # as if on one process
     assert last["val_loss"] == pytest.approx(F.cross_entropy(logits, val.labels).item(), rel=1e-5)
     assert last["val_accuracy"] == pytest.approx((logits.argmax(1) == val.labels).float().mean().item())

@@ -69,6 +69,14 @@ class TrainConfig(BaseModel):
     warmup_ratio: float = Field(ge=0, lt=1)
     augment: bool = True
     crop_scale_min: float = Field(gt=0, le=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware runs it fast
+    grad_accumulation: int = Field(default=1, ge=1)  # batches per optimizer step
+    max_grad_norm: float | None = Field(default=1.0, gt=0)  # clip gradients to this norm; null: no clipping
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    layer_decay: float = Field(default=1.0, gt=0, le=1)  # backbone lr x this per block below the top
+    early_stopping_patience: int | None = Field(default=None, ge=1)  # epochs without a better val accuracy
+    loader_workers: int = Field(default=1, ge=0)  # processes reading and augmenting training batches
 
     def strategy_section(self, strategy: str) -> dict[str, Any]:
         """The `train.<strategy>` section as written (empty when absent)."""

@@ -1,14 +1,17 @@
 """The MLflow pyfunc model that wraps a saved vitflow checkpoint for loading and serving.
 
-Input: a DataFrame with an `image` column of encoded image bytes (JPEG, PNG, ...).
-Output: a DataFrame with the top `label` and its `score` per row.
+Input: a DataFrame with an `image` column of encoded image bytes (JPEG, PNG, ...; base64 in a JSON request),
+and optionally the parameter `top_k`.
+Output per image: the top `label`, its `probability`, and `probabilities`, a mapping of every class (or the
+`top_k` most probable) to its probability, most probable first. Input the model cannot score is an HTTP 400
+from MLflow's scoring server with a one-line message.
 The weights travel in the model's `model_dir` artifact (safetensors, or ONNX for int8) and run at
 the precision they were exported in; nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import io
+import json
 import sys
 from pathlib import Path
 
@@ -16,12 +19,34 @@ import mlflow.artifacts
 import mlflow.pyfunc
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
-from PIL import Image
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Map
 
-SIGNATURE = ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
-                           outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
+from vitflow.errors import VitflowError
+
+# `image` is not required so that a request without it reaches `predict`, which says so in one line.
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec(DataType.binary, "image", required=False)]),
+                           outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "probability"),
+                                           ColSpec(Map(DataType.double), "probabilities")]),
+                           params=ParamSchema([ParamSpec("top_k", DataType.long, 0)]))  # 0: every class
+
+
+class BadRequest(MlflowException):
+    """Input the model cannot score: MLflow's scoring server answers HTTP 400 with this one-line message.
+
+    The server puts the request's data (several lines) before the message of an MlflowException raised by
+    `predict`; this one's JSON reply carries its own message only.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+        self.reason = message
+
+    def serialize_as_json(self) -> str:
+        return json.dumps({"error_code": self.error_code, "message": self.reason})
 
 
 class VitflowImageClassifier(mlflow.pyfunc.PythonModel):
@@ -32,13 +57,27 @@ class VitflowImageClassifier(mlflow.pyfunc.PythonModel):
         self.model = load_exported(self.model_dir)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from vitflow.data.images import normalize, resize_and_crop, to_rgb
+        from vitflow.inference import predict_logits
+        from vitflow.prediction import BATCH_SIZE, decode_image, rank
 
-        images = [resize_and_crop(to_rgb(Image.open(io.BytesIO(data))), self.model.data_config)
-                  for data in model_input["image"]]
-        probabilities = self.model(normalize(torch.stack(images), self.model.data_config)).softmax(1)
-        scores, indices = probabilities.max(1)
-        return pd.DataFrame({"label": [self.model.labels[i] for i in indices.tolist()], "score": scores.tolist()})
+        if "image" not in model_input.columns:
+            raise BadRequest("no 'image' column: send the encoded image files (base64 in JSON) in a column 'image'")
+        if model_input.empty:
+            raise BadRequest("no image in the request")
+        top_k = (params or {}).get("top_k") or len(self.model.labels)
+        if top_k < 0:
+            raise BadRequest(f"top_k {top_k}: must be 0 (every class) or more")
+        images = []
+        for row, data in enumerate(model_input["image"]):
+            try:
+                images.append(decode_image(data, self.model.data_config))
+            except VitflowError as error:
+                raise BadRequest(f"image {row}: {error}") from None
+        probabilities = predict_logits(self.model, torch.stack(images), BATCH_SIZE).softmax(1)
+        rankings = rank(probabilities, self.model.labels, top_k)
+        return pd.DataFrame({"label": [next(iter(ranking)) for ranking in rankings],
+                             "probability": [next(iter(ranking.values())) for ranking in rankings],
+                             "probabilities": rankings})
 
 
 def _load_pyfunc(model_uri: str) -> VitflowImageClassifier:

@@ -2,7 +2,8 @@
 `flows/` or `tasks/`.
 
     vitflow run [--data DIR] [--model SOURCE] [--strategies full,partial] [--epochs N] [--set KEY=VALUE ...]
-    vitflow predict IMAGE... [--model URI_OR_DIR] [--top-k 5] [--precision fp32|fp16|bf16|int8]
+    vitflow predict FILE|FOLDER|'GLOB'... [--model URI_OR_DIR] [--top-k 5] [--batch-size 32]
+                    [--output preds.csv|preds.jsonl] [--precision fp32|fp16|bf16|int8]
     vitflow explain IMAGE [--model URI_OR_DIR] [--head-fusion mean|max|min] [--discard RATIO] [--class LABEL]
     vitflow models | promote | rollback | compare
     vitflow serve --cron "0 3 * * 1" [--timezone TZ]

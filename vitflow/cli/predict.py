@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from vitflow.config import load_config
 from vitflow.errors import VitflowError
 from vitflow.paths import PARAMS_FILE
 
-PREDICT_BATCH_SIZE = 32
-
 
 def add_commands(commands) -> None:
     predict = commands.add_parser("predict", help="top-k labels for images, from the champion by default")
-    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("images", nargs="+",
+                         help="image files, folders (searched recursively) or quoted glob patterns ('shots/**/*.png')")
     predict.add_argument("--model", help="MLflow model URI (models:/NAME@ALIAS, runs:/...) or a checkpoint directory")
     predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    predict.add_argument("--output", metavar="FILE",
+                         help="write one row per image to FILE (.csv or .jsonl) instead of printing a table")
     predict.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
                          help="run the model's export at this precision (default: fp32)")
     predict.add_argument("--params", default=str(PARAMS_FILE), help=argparse.SUPPRESS)
@@ -36,23 +39,32 @@ def add_commands(commands) -> None:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    import torch
-
-    from vitflow.data.images import load_image
-    from vitflow.inference import predict_logits
     from vitflow.loading import resolve_runner
+    from vitflow.prediction import OUTPUT_SUFFIXES, find_images, predict_files, write_predictions
 
-    missing = [image for image in args.images if not Path(image).is_file()]
-    if missing:
-        raise VitflowError(f"{missing[0]}: no such image file")
+    if args.output and Path(args.output).suffix not in OUTPUT_SUFFIXES:
+        raise VitflowError(f"--output {args.output}: name a {' or '.join(OUTPUT_SUFFIXES)} file")
+    if args.output and not Path(args.output).parent.is_dir():
+        raise VitflowError(f"--output {args.output}: folder {Path(args.output).parent} does not exist")
+    for option, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise VitflowError(f"{option} {value}: must be 1 or more")
+    paths, skipped = find_images(args.images)
     model = resolve_runner(args.model, args.precision, load_config(args.params).registry.model_name)
-    images = torch.stack([load_image(image_path, model.data_config) for image_path in args.images])
-    probabilities = predict_logits(model, images, PREDICT_BATCH_SIZE).softmax(1)
-    top = probabilities.topk(min(args.top_k, len(model.labels)))
-    for image_path, scores, indices in zip(args.images, top.values.tolist(), top.indices.tolist(), strict=True):
-        print(image_path)
-        for score, index in zip(scores, indices, strict=True):
-            print(f"  {model.labels[index]:<24} {score:.4f}")
+    predictions, unreadable = predict_files(model, paths, args.top_k, args.batch_size)
+    skipped += unreadable
+    if not predictions:
+        raise VitflowError(f"no readable image among {len(paths)}: {'; '.join(skipped)}")
+    if args.output:
+        write_predictions(predictions, Path(args.output))
+        print(f"{len(predictions)} predictions written to {args.output}")
+    else:
+        for path, ranking in predictions:
+            print(path)
+            for label, probability in ranking.items():
+                print(f"  {label:<24} {probability:.4f}")
+    if skipped:
+        print(f"skipped {len(skipped)}: {'; '.join(skipped)}", file=sys.stderr)
     return 0
 
 

@@ -1,11 +1,12 @@
 """Fine-tune a pretrained ViT under one strategy.
 
 In: an `ImageClassifier` with a fresh head, the preprocessed train and val splits, a `ResolvedStrategy`.
-Out: a `TrainResult` (per-epoch history, parameter counts, timings) and the fine-tuned model saved as
-one ordinary checkpoint directory.
+Out: a `TrainResult` (per-epoch history, the best epoch, parameter counts, timings) and the fine-tuned model,
+its best epoch's weights, saved as one ordinary checkpoint directory.
 
-Under torchrun (`scripts/train_distributed.py`) the same `fine_tune` trains with torch distributed:
-DDP shards the end-to-end batches, and rank 0 alone saves the model and result (see `distributed`).
+Accelerate runs it on `train.device` in `train.precision`; under `accelerate launch`
+(`scripts/train_distributed.py`) on several GPUs or CPU processes with DDP, the main process alone saving.
+Each epoch ends with a checkpoint, so a killed training resumes from its last finished epoch.
 """
 
 from __future__ import annotations
@@ -16,21 +17,33 @@ import math
 import os
 import resource
 import shutil
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from safetensors import safe_open
 from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
+from vitflow import locks
 from vitflow.config import ModelConfig, TrainConfig
 from vitflow.data.cache import SplitTensors, load_split
-from vitflow.data.images import augmentation, normalize
+from vitflow.data.images import normalize
 from vitflow.models import ImageClassifier, count_parameters, load_pretrained
-from vitflow.training import distributed
-from vitflow.training.schedule import warmup_cosine
+from vitflow.training.engine import (
+    Checkpoint,
+    Progress,
+    make_accelerator,
+    parameter_groups,
+    precision_of,
+    restore_best,
+    training_batches,
+)
 from vitflow.training.strategies import ResolvedStrategy
 from vitflow.training.validation import validate
 
@@ -44,6 +57,10 @@ class TrainResult:
     settings: dict  # what it trained with: `ResolvedStrategy.as_dict()`
     model_dir: str
     history: list[dict]  # one row per epoch: epoch, train_loss, val_loss, val_accuracy
+    best_epoch: int  # the epoch whose weights were saved (best val accuracy, then val loss)
+    stopped_early: bool  # train.early_stopping_patience ended it before train.epochs
+    device: str
+    precision: str
     trainable_params: int
     total_params: int
     train_seconds: float
@@ -58,6 +75,15 @@ class TrainResult:
         return cls(**json.loads(path.read_text()))
 
 
+@dataclass
+class FitRun:
+    """What a strategy's fit trains with besides the model and data."""
+
+    accelerator: Accelerator
+    checkpoint: Checkpoint
+    progress: bool  # show progress bars
+
+
 def set_trainable(model: ImageClassifier, resolved: ResolvedStrategy) -> tuple[int, int]:
     """Freeze what the strategy keeps fixed; return (trainable, total) parameter counts."""
     modules = resolved.strategy.trainable_modules(model, resolved.options)
@@ -70,106 +96,123 @@ def set_trainable(model: ImageClassifier, resolved: ResolvedStrategy) -> tuple[i
 
 
 def fine_tune(model: ImageClassifier, train: SplitTensors, val: SplitTensors, resolved: ResolvedStrategy,
-              out_dir: Path | str, progress: bool = True) -> TrainResult:
-    """Train `model` under `resolved`, save it to `out_dir/model`, and return what happened.
+              out_dir: Path | str, progress: bool = True, checkpoint_dir: Path | None = None) -> TrainResult:
+    """Train `model` under `resolved`, save its best epoch to `out_dir/model`, and return what happened.
 
-    Under torchrun: moves `model` to this rank's device and returns the same result on every rank.
+    `checkpoint_dir`: where each epoch's checkpoint goes, and where an interrupted training resumes from.
     """
     out_dir, settings = Path(out_dir), resolved.settings
-    device = distributed.setup()
-    if device is not None:
-        model.to(device)
+    accelerator = make_accelerator(settings)
     torch.manual_seed(settings.seed)
     resolved.strategy.prepare(model, resolved.options)
     trainable, total = set_trainable(model, resolved)
+    model.to(accelerator.device)
     start = time.perf_counter()
     fit = resolved.strategy.fit or train_end_to_end
-    history, images_seen = fit(model, train, val, settings, resolved.options, progress)
+    trained, images_seen = fit(model, train, val, settings, resolved.options,
+                               FitRun(accelerator, Checkpoint(checkpoint_dir), progress))
     seconds = time.perf_counter() - start
     resolved.strategy.finish(model, resolved.options)
     result = TrainResult(strategy=resolved.name, settings=resolved.as_dict(), model_dir=str(out_dir / "model"),
-                         history=history,
-                         trainable_params=trainable, total_params=total, train_seconds=round(seconds, 2),
-                         images_per_second=round(images_seen / seconds, 2),
+                         history=trained.history, best_epoch=trained.best_epoch,
+                         stopped_early=trained.epoch < settings.epochs, device=accelerator.device.type,
+                         precision=precision_of(accelerator), trainable_params=trainable, total_params=total,
+                         train_seconds=round(seconds, 2), images_per_second=round(images_seen / seconds, 2),
                          peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
-    if distributed.is_main():
+    if accelerator.is_main_process:
         model.save(out_dir / "model")
         result.save(out_dir / RESULT_FILE)
+    accelerator.wait_for_everyone()
     return result
 
 
 def train_end_to_end(model: ImageClassifier, train: SplitTensors, val: SplitTensors, settings: TrainConfig,
-                     options, progress: bool) -> tuple[list[dict], int]:
-    """AdamW on the trainable parameters (backbone at lr_backbone, head at lr_head), warm-up then cosine.
-
-    Under torchrun: DDP averages gradients, each rank trains on its share of every epoch's batches.
-    """
-    device = next(model.parameters()).device
-    net = distributed.wrap(model)
-    if distributed.world_size() > 1:
-        torch.manual_seed(settings.seed + distributed.rank())  # each rank draws its own augmentations
-    head_ids = {id(p) for p in model.head.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in trainable if id(p) not in head_ids], "lr": settings.lr_backbone},
-        {"params": [p for p in trainable if id(p) in head_ids], "lr": settings.lr_head},
-    ], weight_decay=settings.weight_decay)
-    steps_per_epoch = math.ceil(len(train.labels) / (settings.batch_size * distributed.world_size()))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(steps_per_epoch * settings.epochs, settings.warmup_ratio))
-    augment = augmentation(model.data_config, settings.crop_scale_min) if settings.augment else None
-    history = []
-    for epoch in range(1, settings.epochs + 1):
-        model.train()
+                     options, run: FitRun) -> tuple[Progress, int]:
+    """AdamW on the trainable parameters (`parameter_groups`), warm-up then cosine (transformers' schedule),
+    batches streamed from the cache, early stopping on val accuracy; the best epoch's weights restored."""
+    accelerator = run.accelerator
+    loader, order = training_batches(model, train, settings, accelerator.device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings))
+    net, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    updates = math.ceil(len(loader) / settings.grad_accumulation) * settings.epochs
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(updates * settings.warmup_ratio), updates)
+    accelerator.register_for_checkpointing(scheduler)
+    state = run.checkpoint.resume(accelerator, model)
+    for epoch in range(state.epoch + 1, settings.epochs + 1):
+        if should_stop(state, settings):
+            break
+        order.manual_seed(settings.seed * 100_003 + epoch)  # this epoch's order and augmentations, also on resume
+        net.train()
         losses = []
-        batches = distributed.shard_batches(len(train.labels), settings.batch_size, settings.seed, epoch)
-        for indices in tqdm(batches, desc=f"epoch {epoch}/{settings.epochs}", disable=not progress, leave=False):
-            images = train.images[indices]
-            if augment is not None:
-                images = torch.stack([augment(image) for image in images])
-            loss = F.cross_entropy(net(normalize(images.to(device), model.data_config)),
-                                   train.labels[indices].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+        for step, (images, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch}/{settings.epochs}",
+                                                     disable=not run.progress, leave=False)):
+            update = (step + 1) % settings.grad_accumulation == 0 or step + 1 == len(loader)
+            with nullcontext() if update else accelerator.no_sync(net), accelerator.autocast():
+                loss = F.cross_entropy(net(normalize(images, model.data_config)), labels,
+                                       label_smoothing=settings.label_smoothing)
+            accelerator.backward(loss / settings.grad_accumulation)
+            if update:
+                if settings.max_grad_norm:
+                    accelerator.clip_grad_norm_(net.parameters(), settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        history.append({"epoch": epoch, "train_loss": distributed.average(sum(losses) / len(losses), device),
-                        **validate(model, val, settings.batch_size)})
-    return history, len(train.labels) * settings.epochs
+        train_loss = accelerator.reduce(torch.tensor(sum(losses) / len(losses), device=accelerator.device), "mean")
+        state.record({"epoch": epoch, "train_loss": train_loss.item(),
+                        **validate(model, val, settings.batch_size, accelerator)}, model)
+        run.checkpoint.save(accelerator, model, state)
+    accelerator.unwrap_model(net, keep_fp32_wrapper=False)  # `model` computes in fp32 again, outside autocast
+    restore_best(model, state)
+    return state, len(train.labels) * state.epoch
+
+
+def should_stop(state: Progress, settings: TrainConfig) -> bool:
+    """Early stopping: `train.early_stopping_patience` epochs have passed without a better one."""
+    patience = settings.early_stopping_patience
+    return patience is not None and state.epoch > 0 and state.epochs_since_best() >= patience
 
 
 def train_from_cache(model: ModelConfig, labels: list[str], image_size: int | None, cache_dir: Path | str,
-                     resolved: ResolvedStrategy, out_dir: Path | str, progress: bool = True) -> TrainResult:
+                     resolved: ResolvedStrategy, out_dir: Path | str, progress: bool = True,
+                     checkpoint_dir: Path | None = None) -> TrainResult:
     """Load the pretrained model with a new head for `labels` and fine-tune it on the cache's train/val splits."""
     torch.manual_seed(resolved.settings.seed)  # the new head's initialisation
     classifier = load_pretrained(model, labels, image_size)
     return fine_tune(classifier, load_split(cache_dir, "train"), load_split(cache_dir, "val"), resolved, out_dir,
-                     progress=progress)
+                     progress=progress, checkpoint_dir=checkpoint_dir)
 
 
 def train_or_reuse(model: ModelConfig, labels: list[str], image_size: int | None, cache_dir: Path | str,
                    resolved: ResolvedStrategy, out_dir: Path | str, progress: bool = True) -> TrainResult:
     """The finished training in `out_dir` (named by a fingerprint of data, settings and code), or a new one.
 
-    A new training is written to a temporary folder beside `out_dir` and renamed into place when complete,
-    so a kill leaves no half-written model where a later run would reuse it; a broken `out_dir` is removed
-    and trained again.
+    A new training is written to a hidden folder beside `out_dir`, with a checkpoint after every epoch that a
+    killed training resumes from, and renamed into place when complete; a broken `out_dir` is removed and
+    trained again. One process or thread at a time trains a fingerprint; another waits and reuses it.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        finished = finished_training(out_dir)
-        if finished is not None:
-            return finished
-        log.warning("%s: incomplete or broken training output; removed, training again", out_dir)
-        shutil.rmtree(out_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    result = train_from_cache(model, labels, image_size, cache_dir, resolved, staging, progress)
-    result.model_dir = str(out_dir / "model")
-    result.save(staging / RESULT_FILE)
-    staging.rename(out_dir)
-    return result
+    owner = f"training-{os.getpid()}-{threading.get_ident()}"
+    locks.acquire(out_dir.with_name(f".{out_dir.name}.lock"), owner, 24 * 3600, f"training {out_dir}")
+    try:
+        if out_dir.exists():
+            finished = finished_training(out_dir)
+            if finished is not None:
+                return finished
+            log.warning("%s: incomplete or broken training output; removed, training again", out_dir)
+            shutil.rmtree(out_dir)
+        staging = out_dir.with_name(f".{out_dir.name}.partial")
+        checkpoint = staging / "checkpoint"
+        if staging.exists() and not checkpoint.exists():
+            shutil.rmtree(staging)
+        result = train_from_cache(model, labels, image_size, cache_dir, resolved, staging, progress, checkpoint)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        result.model_dir = str(out_dir / "model")
+        result.save(staging / RESULT_FILE)
+        staging.rename(out_dir)
+        return result
+    finally:
+        locks.release_all(owner)
 
 
 def finished_training(out_dir: Path) -> TrainResult | None:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 
 from vitflow.data.cache import SplitTensors
 from vitflow.inference import predict_logits
-from vitflow.training import distributed
 
 
-def validate(model, val: SplitTensors, batch_size: int) -> dict:
-    """{"val_loss", "val_accuracy"} of `model` on `val`; under torchrun each rank scores a share."""
-    logits = distributed.gather_rows(lambda images: predict_logits(model, images, batch_size), val.images)
+def validate(model, val: SplitTensors, batch_size: int, accelerator: Accelerator) -> dict:
+    """{"val_loss", "val_accuracy"} of `model` on `val`, in the training's precision. Every process scores
+    the whole split (validation sets are small), so all of them agree on the best epoch."""
+    with accelerator.autocast():
+        logits = predict_logits(model, val.images, batch_size).float()
     return validation_metrics(logits, val.labels.to(logits.device))
 
 

@@ -15,12 +15,14 @@ from vitflow.errors import VitflowError
 from vitflow.training.strategies.base import Strategy
 from vitflow.training.strategies.feature_extraction import FeatureExtraction
 from vitflow.training.strategies.full import Full
+from vitflow.training.strategies.lora import Lora
 from vitflow.training.strategies.partial import Partial
 
 STRATEGIES: dict[str, Strategy] = {strategy.name: strategy for strategy in (
     Full(),
     Partial(),
     FeatureExtraction(),
+    Lora(),
 )}
 
 
@@ -36,7 +38,8 @@ class ResolvedStrategy:
 
     def as_dict(self) -> dict:
         """Everything this strategy trains with, as plain data (for fingerprints and MLflow params)."""
-        return {"strategy": self.name, **self.settings.shared(), self.name: self.options.model_dump(mode="json")}
+        shared = {key: value for key, value in self.settings.shared().items() if key not in self.strategy.ignores}
+        return {"strategy": self.name, **shared, self.name: self.options.model_dump(mode="json")}
 
 
 def get_strategy(name: str) -> Strategy:

@@ -21,8 +21,8 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# fit(model, train, val, settings, options, progress) -> (history, images the backbone saw)
-Fit = Callable[..., tuple[list[dict], int]]
+# fit(model, train, val, settings, options, run: loop.FitRun) -> (engine.Progress, images the backbone saw)
+Fit = Callable[..., tuple[object, int]]
 
 
 class Strategy:
@@ -30,6 +30,7 @@ class Strategy:
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
+    ignores: ClassVar[frozenset[str]] = frozenset()  # shared train.* settings it never reads (not logged)
 
     def prepare(self, model: ImageClassifier, options: BaseModel) -> None:
         """Change the model before training (e.g. insert adapters); by default nothing."""

@@ -1,0 +1,185 @@
+"""The training engine: device and precision, early stopping to the best epoch, resume after a kill,
+gradient accumulation, layer-wise learning rates."""
+
+import pandas as pd
+import pytest
+import torch
+
+from vitflow.config import ModelConfig, TrainConfig
+from vitflow.data.cache import SplitTensors, load_split, preprocess_dataset
+from vitflow.devices import cpu_has_fast_bf16, resolve_device, resolve_precision
+from vitflow.errors import VitflowError
+from vitflow.models import load_model
+from vitflow.training import loop
+from vitflow.training.engine import parameter_groups
+from vitflow.training.loop import fine_tune, set_trainable, train_or_reuse
+from vitflow.training.strategies import resolve
+
+LABELS = ["normal", "pneumonia"]
+TRAIN = TrainConfig(strategies=["full"], epochs=3, batch_size=8, lr_backbone=1e-3, lr_head=3e-3, weight_decay=0.01,
+                    warmup_ratio=0.1, seed=0, augment=True, crop_scale_min=0.6, precision="fp32", loader_workers=0)
+
+
+def settings(**changes) -> TrainConfig:
+    return TrainConfig(**{**TRAIN.model_dump(), **changes})
+
+
+@pytest.fixture(scope="module")
+def cache(pneumonia_folder, tiny_hf_model, tmp_path_factory):
+    rows = [{"path": str(path.relative_to(pneumonia_folder)), "label": path.parent.name, "split": path.parts[-3],
+             "checksum": "", "status": "ok"} for path in sorted(pneumonia_folder.rglob("*.png"))]
+    config = load_model(str(tiny_hf_model), LABELS).data_config
+    return preprocess_dataset(pd.DataFrame(rows), pneumonia_folder, config, LABELS,
+                              tmp_path_factory.mktemp("cache") / "data", workers=0, progress=False)
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- device and precision
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_runs_it_fast():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, fast_bf16_cpu=True) == "bf16"
+    assert resolve_precision("auto", cpu, fast_bf16_cpu=False) == "fp32"
+    assert resolve_precision("fp32", cpu, fast_bf16_cpu=True) == "fp32"  # an explicit value is kept
+    assert resolve_precision("bf16", cpu, fast_bf16_cpu=False) == "bf16"
+    assert resolve_precision("auto", torch.device("mps")) == "fp32"
+    with pytest.raises(VitflowError, match=r"^train.precision=fp16 needs a CUDA GPU .*use bf16 or fp32$"):
+        resolve_precision("fp16", cpu)
+
+
+def test_fast_bf16_is_read_from_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not cpu_has_fast_bf16(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_fast_bf16(cpuinfo)
+    assert not cpu_has_fast_bf16(tmp_path / "missing")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_an_unavailable_device_is_one_line_naming_the_setting():
+    assert resolve_device("auto").type in ("cpu", "mps") and resolve_device("cpu").type == "cpu"
+    with pytest.raises(VitflowError, match=r"^train.device=cuda: no CUDA device on this machine; set train.device"):
+        resolve_device("cuda")
+
+
+def test_bf16_trains_under_autocast_and_saves_fp32_weights(cache, tiny_hf_model, tmp_path):
+    model = load_model(str(tiny_hf_model), LABELS)
+    result = fine_tune(model, load_split(cache, "train"), load_split(cache, "val"),
+                       resolve(settings(precision="bf16", epochs=1), "full"), tmp_path, progress=False)
+    assert (result.device, result.precision) == ("cpu", "bf16")
+    saved = load_model(result.model_dir)
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the trained model is plain fp32 again, outside any autocast
+        torch.testing.assert_close(model.eval()(pixels), saved.eval()(pixels))
+
+
+# --------------------------------------------------------------------------- best epoch, early stopping
+
+
+def test_early_stopping_saves_the_best_epoch(cache, tiny_hf_model, tmp_path, monkeypatch):
+    accuracies = iter([0.5, 0.8, 0.6, 0.7, 0.9])
+    snapshots = []
+
+    def scripted_validate(model, val, batch_size, accelerator):
+        snapshots.append(weights(model))
+        return {"val_loss": 1.0, "val_accuracy": next(accuracies)}
+
+    monkeypatch.setattr(loop, "validate", scripted_validate)
+    model = load_model(str(tiny_hf_model), LABELS)
+    result = fine_tune(model, load_split(cache, "train"), load_split(cache, "val"),
+                       resolve(settings(epochs=5, early_stopping_patience=2), "full"), tmp_path, progress=False)
+
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]  # two epochs without a better one: stop
+    assert result.best_epoch == 2 and result.stopped_early
+    saved = load_model(result.model_dir).state_dict()
+    assert all(torch.equal(saved[name], value) for name, value in snapshots[1].items())  # epoch 2's weights
+    assert not all(torch.equal(saved[name], value) for name, value in snapshots[3].items())
+
+
+# --------------------------------------------------------------------------- resume
+
+
+class Killed(Exception):
+    """Stands in for a kill: raised while epoch 3 validates, after epoch 2's checkpoint was written."""
+
+
+@pytest.mark.parametrize("loader_workers", [0, 1])
+def test_a_killed_training_resumes_from_its_last_epoch_to_the_same_weights(cache, tiny_hf_model, tmp_path,
+                                                                          monkeypatch, loader_workers):
+    model = ModelConfig(source=str(tiny_hf_model))
+    resolved = resolve(settings(loader_workers=loader_workers), "full")
+    whole = train_or_reuse(model, LABELS, None, cache, resolved, tmp_path / "whole" / "full", progress=False)
+
+    real_validate, epochs_validated = loop.validate, []
+
+    def killed_in_epoch_3(*args):
+        epochs_validated.append(len(epochs_validated) + 1)
+        if len(epochs_validated) == 3:
+            raise Killed
+        return real_validate(*args)
+
+    monkeypatch.setattr(loop, "validate", killed_in_epoch_3)
+    out_dir = tmp_path / "resumed" / "full"
+    with pytest.raises(Killed):
+        train_or_reuse(model, LABELS, None, cache, resolved, out_dir, progress=False)
+    assert not out_dir.exists() and (out_dir.with_name(".full.partial") / "checkpoint" / "progress.json").is_file()
+
+    steps = []
+    monkeypatch.setattr(loop, "validate", real_validate)
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting(torch.optim.AdamW.step, steps))
+    resumed = train_or_reuse(model, LABELS, None, cache, resolved, out_dir, progress=False)
+
+    n_batches = -(-len(load_split(cache, "train").labels) // TRAIN.batch_size)
+    assert len(steps) == n_batches  # only epoch 3 trained again
+    assert resumed.history == whole.history
+    expected = load_model(whole.model_dir).state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in load_model(resumed.model_dir).state_dict().items())
+    assert not (out_dir / "checkpoint").exists() and not out_dir.with_name(".full.partial").exists()
+
+
+def counting(step, calls: list):
+    def wrapper(self, *args, **kwargs):
+        calls.append(1)
+        return step(self, *args, **kwargs)
+    return wrapper
+
+
+# --------------------------------------------------------------------------- gradient accumulation, lr groups
+
+
+def test_gradient_accumulation_matches_the_larger_batch(cache, tiny_hf_model, tmp_path):
+    train = load_split(cache, "train")
+    train = SplitTensors(train.images[:32], train.labels[:32], train.paths[:32])
+    val = load_split(cache, "val")
+    trained = []
+    for batch_size, accumulation in ((16, 1), (8, 2)):
+        model = load_model(str(tiny_hf_model), LABELS)
+        torch.manual_seed(0)
+        model.head.reset_parameters()
+        run = settings(batch_size=batch_size, grad_accumulation=accumulation, augment=False, epochs=2)
+        fine_tune(model, train, val, resolve(run, "full"), tmp_path / str(batch_size), progress=False)
+        trained.append(weights(model))
+    for name, value in trained[0].items():
+        torch.testing.assert_close(trained[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_layer_decay_scales_the_backbone_learning_rate_per_block(tiny_hf_model):
+    model = load_model(str(tiny_hf_model), LABELS)
+    set_trainable(model, resolve(TRAIN, "full"))
+    lr_of = {id(p): group["lr"] for group in parameter_groups(model, settings(layer_decay=0.5))
+             for p in group["params"]}
+    decay_of = {id(p): group["weight_decay"] for group in parameter_groups(model, TRAIN) for p in group["params"]}
+    head, blocks, embeddings = model.head.weight, model.blocks, model.model.vit.embeddings
+    assert lr_of[id(head)] == TRAIN.lr_head
+    assert lr_of[id(model.final_norm.weight)] == TRAIN.lr_backbone
+    assert lr_of[id(next(blocks[1].parameters()))] == TRAIN.lr_backbone * 0.5
+    assert lr_of[id(next(blocks[0].parameters()))] == TRAIN.lr_backbone * 0.25
+    assert lr_of[id(embeddings.patch_embeddings.projection.weight)] == TRAIN.lr_backbone * 0.125
+    assert decay_of[id(head)] == TRAIN.weight_decay and decay_of[id(model.head.bias)] == 0.0
+    assert len(lr_of) == sum(1 for _ in model.parameters())  # every trainable parameter is in one group
