@@ -11,7 +11,7 @@ from vitflow.devices import cpu_has_fast_bf16, resolve_device, resolve_precision
 from vitflow.errors import VitflowError
 from vitflow.models import load_model
 from vitflow.training import loop
-from vitflow.training.engine import parameter_groups
+from vitflow.training.engine import TrainingObserver, parameter_groups
 from vitflow.training.loop import fine_tune, set_trainable, train_or_reuse
 from vitflow.training.strategies import resolve
 
@@ -183,3 +183,33 @@ def test_layer_decay_scales_the_backbone_learning_rate_per_block(tiny_hf_model):
     assert lr_of[id(embeddings.patch_embeddings.projection.weight)] == TRAIN.lr_backbone * 0.125
     assert decay_of[id(head)] == TRAIN.weight_decay and decay_of[id(model.head.bias)] == 0.0
     assert len(lr_of) == sum(1 for _ in model.parameters())  # every trainable parameter is in one group
+
+
+class Recorder(TrainingObserver):
+    def __init__(self):
+        self.steps, self.epochs = [], []
+
+    def step(self, step, values):
+        self.steps.append((step, values))
+
+    def epoch(self, row):
+        self.epochs.append(row)
+
+
+@pytest.mark.parametrize("strategy", ["full", "feature_extraction"])
+def test_an_observer_sees_every_step_and_epoch_as_they_happen(cache, tiny_hf_model, tmp_path, strategy):
+    recorder = Recorder()
+    model = load_model(str(tiny_hf_model), LABELS)
+    result = fine_tune(model, load_split(cache, "train"), load_split(cache, "val"),
+                       resolve(settings(epochs=2, grad_accumulation=2), strategy), tmp_path, progress=False,
+                       observer=recorder)
+    assert recorder.epochs == result.history
+    n_train = len(load_split(cache, "train").labels)
+    batches = -(-n_train // TRAIN.batch_size)
+    updates = 2 * (-(-batches // 2) if strategy == "full" else batches)  # feature_extraction fits its head alone
+    assert [step for step, _ in recorder.steps] == list(range(1, updates + 1))
+    lr_head = [values["lr_head"] for _, values in recorder.steps]
+    peak = lr_head.index(max(lr_head))
+    assert max(lr_head) <= TRAIN.lr_head and lr_head[-1] < lr_head[peak]  # warm-up, then the cosine decay
+    assert all(values["train_loss"] > 0 for _, values in recorder.steps)
+    assert ("lr_backbone" in recorder.steps[0][1]) == (strategy == "full")

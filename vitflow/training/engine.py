@@ -42,6 +42,18 @@ def make_accelerator(settings: TrainConfig) -> Accelerator:
                        kwargs_handlers=[DistributedDataParallelKwargs(static_graph=True)])
 
 
+class TrainingObserver:
+    """Told what happens while a model trains, as it happens (e.g. to log it live); by default nothing.
+    Only the main process is told."""
+
+    def step(self, step: int, values: dict[str, float]) -> None:
+        """After optimizer update `step` (1, 2, ...): train_loss and the learning rates (lr_head, lr_backbone
+        for the top block where the backbone trains)."""
+
+    def epoch(self, row: dict) -> None:
+        """After each epoch: its history row (epoch, train_loss, val_loss, val_accuracy)."""
+
+
 def precision_of(accelerator: Accelerator) -> str:
     return {value: key for key, value in MIXED_PRECISION.items()}[accelerator.mixed_precision]
 

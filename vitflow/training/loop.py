@@ -38,6 +38,7 @@ from vitflow.models import ImageClassifier, count_parameters, load_pretrained
 from vitflow.training.engine import (
     Checkpoint,
     Progress,
+    TrainingObserver,
     make_accelerator,
     parameter_groups,
     precision_of,
@@ -82,6 +83,15 @@ class FitRun:
     accelerator: Accelerator
     checkpoint: Checkpoint
     progress: bool  # show progress bars
+    observer: TrainingObserver
+
+    def observe_step(self, step: int, values: dict[str, float]) -> None:
+        if self.accelerator.is_main_process:
+            self.observer.step(step, values)
+
+    def observe_epoch(self, row: dict) -> None:
+        if self.accelerator.is_main_process:
+            self.observer.epoch(row)
 
 
 def set_trainable(model: ImageClassifier, resolved: ResolvedStrategy) -> tuple[int, int]:
@@ -96,10 +106,12 @@ def set_trainable(model: ImageClassifier, resolved: ResolvedStrategy) -> tuple[i
 
 
 def fine_tune(model: ImageClassifier, train: SplitTensors, val: SplitTensors, resolved: ResolvedStrategy,
-              out_dir: Path | str, progress: bool = True, checkpoint_dir: Path | None = None) -> TrainResult:
+              out_dir: Path | str, progress: bool = True, checkpoint_dir: Path | None = None,
+              observer: TrainingObserver | None = None) -> TrainResult:
     """Train `model` under `resolved`, save its best epoch to `out_dir/model`, and return what happened.
 
     `checkpoint_dir`: where each epoch's checkpoint goes, and where an interrupted training resumes from.
+    `observer`: told each step and epoch as they happen.
     """
     out_dir, settings = Path(out_dir), resolved.settings
     accelerator = make_accelerator(settings)
@@ -109,8 +121,8 @@ def fine_tune(model: ImageClassifier, train: SplitTensors, val: SplitTensors, re
     model.to(accelerator.device)
     start = time.perf_counter()
     fit = resolved.strategy.fit or train_end_to_end
-    trained, images_seen = fit(model, train, val, settings, resolved.options,
-                               FitRun(accelerator, Checkpoint(checkpoint_dir), progress))
+    run = FitRun(accelerator, Checkpoint(checkpoint_dir), progress, observer or TrainingObserver())
+    trained, images_seen = fit(model, train, val, settings, resolved.options, run)
     seconds = time.perf_counter() - start
     resolved.strategy.finish(model, resolved.options)
     result = TrainResult(strategy=resolved.name, settings=resolved.as_dict(), model_dir=str(out_dir / "model"),
@@ -137,6 +149,7 @@ def train_end_to_end(model: ImageClassifier, train: SplitTensors, val: SplitTens
     updates = math.ceil(len(loader) / settings.grad_accumulation) * settings.epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(updates * settings.warmup_ratio), updates)
     accelerator.register_for_checkpointing(scheduler)
+    base_lr = scheduler.base_lrs[0]
     state = run.checkpoint.resume(accelerator, model)
     for epoch in range(state.epoch + 1, settings.epochs + 1):
         if should_stop(state, settings):
@@ -157,10 +170,14 @@ def train_end_to_end(model: ImageClassifier, train: SplitTensors, val: SplitTens
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                scale = scheduler.get_last_lr()[0] / base_lr  # the schedule's multiplier, the same for every group
+                run.observe_step(scheduler.last_epoch, {"train_loss": loss.item(), "lr_head": settings.lr_head * scale,
+                                                        "lr_backbone": settings.lr_backbone * scale})
             losses.append(loss.item())
         train_loss = accelerator.reduce(torch.tensor(sum(losses) / len(losses), device=accelerator.device), "mean")
         state.record({"epoch": epoch, "train_loss": train_loss.item(),
                         **validate(model, val, settings.batch_size, accelerator)}, model)
+        run.observe_epoch(state.history[-1])
         run.checkpoint.save(accelerator, model, state)
     accelerator.unwrap_model(net, keep_fp32_wrapper=False)  # `model` computes in fp32 again, outside autocast
     restore_best(model, state)
@@ -175,16 +192,17 @@ def should_stop(state: Progress, settings: TrainConfig) -> bool:
 
 def train_from_cache(model: ModelConfig, labels: list[str], image_size: int | None, cache_dir: Path | str,
                      resolved: ResolvedStrategy, out_dir: Path | str, progress: bool = True,
-                     checkpoint_dir: Path | None = None) -> TrainResult:
+                     checkpoint_dir: Path | None = None, observer: TrainingObserver | None = None) -> TrainResult:
     """Load the pretrained model with a new head for `labels` and fine-tune it on the cache's train/val splits."""
     torch.manual_seed(resolved.settings.seed)  # the new head's initialisation
     classifier = load_pretrained(model, labels, image_size)
     return fine_tune(classifier, load_split(cache_dir, "train"), load_split(cache_dir, "val"), resolved, out_dir,
-                     progress=progress, checkpoint_dir=checkpoint_dir)
+                     progress=progress, checkpoint_dir=checkpoint_dir, observer=observer)
 
 
 def train_or_reuse(model: ModelConfig, labels: list[str], image_size: int | None, cache_dir: Path | str,
-                   resolved: ResolvedStrategy, out_dir: Path | str, progress: bool = True) -> TrainResult:
+                   resolved: ResolvedStrategy, out_dir: Path | str, progress: bool = True,
+                   observer: TrainingObserver | None = None) -> TrainResult:
     """The finished training in `out_dir` (named by a fingerprint of data, settings and code), or a new one.
 
     A new training is written to a hidden folder beside `out_dir`, with a checkpoint after every epoch that a
@@ -205,7 +223,8 @@ def train_or_reuse(model: ModelConfig, labels: list[str], image_size: int | None
         checkpoint = staging / "checkpoint"
         if staging.exists() and not checkpoint.exists():
             shutil.rmtree(staging)
-        result = train_from_cache(model, labels, image_size, cache_dir, resolved, staging, progress, checkpoint)
+        result = train_from_cache(model, labels, image_size, cache_dir, resolved, staging, progress, checkpoint,
+                                  observer)
         shutil.rmtree(checkpoint, ignore_errors=True)
         result.model_dir = str(out_dir / "model")
         result.save(staging / RESULT_FILE)

@@ -59,10 +59,13 @@ class FeatureExtraction(Strategy):
                 optimizer.step()
                 scheduler.step()
                 losses.append(loss.item())
+                run.observe_step(scheduler.last_epoch,
+                                 {"train_loss": loss.item(), "lr_head": scheduler.get_last_lr()[0]})
             head.eval()
             with torch.no_grad():
                 val_logits = head(val_features)
             state.record({"epoch": epoch, "train_loss": sum(losses) / len(losses),
                           **validation_metrics(val_logits, val_labels)}, model)
+            run.observe_epoch(state.history[-1])
         restore_best(model, state)
         return state, len(train.labels)  # the backbone sees each image once
