@@ -50,11 +50,13 @@ def strategy_task(strategy: str, branch: StrategyBranch) -> RegisteredVersion:
     """
     config = branch.config
     trained = fine_tune_task(branch.model, config.preprocess.image_size, branch.cache_dir, strategy, config.train)
-    evaluation = evaluate_task(trained.model_dir, branch.cache_dir, config.evaluate.batch_size, trained.history)
+    evaluation = evaluate_task(trained.model_dir, branch.cache_dir, config.evaluate.batch_size, config.train.device,
+                               trained.history)
     version = log_strategy_task(branch.tracking, trained, evaluation, config.as_dict(), branch.manifest_csv,
                                 branch.model_name)
     rollout_task(trained.model_dir, branch.cache_dir, version.run_id, config.explain)
-    exports = export_task(trained.model_dir, branch.cache_dir, config.export, config.evaluate.batch_size)
+    exports = export_task(trained.model_dir, branch.cache_dir, config.export, config.evaluate.batch_size,
+                          config.train.device)
     log_exports_task(version.run_id, exports)
     return version
 

@@ -53,7 +53,7 @@ def evaluate_model(model: ImageClassifier, test: SplitTensors, out_dir: Path | s
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    predicted = predict_logits(model, test.images, batch_size).argmax(1).numpy()
+    predicted = predict_logits(model, test.images, batch_size).argmax(1).cpu().numpy()
     truth = test.labels.numpy()
     label_ids = list(range(len(model.labels)))
     precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=label_ids,

@@ -54,17 +54,18 @@ def export_model(model_dir: Path | str, precision: str, out_dir: Path | str) -> 
 
 def compare_precisions(fp32_model_dir: Path | str, exported_dir: Path | str, precision: str,
                        images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                       reference_logits: torch.Tensor | None = None) -> dict:
-    """The record of an export against its FP32 original on uint8 images [N, 3, S, S] with true `labels`.
+                       reference_logits: torch.Tensor | None = None, device: str = "auto") -> dict:
+    """The record of an export against its FP32 original on uint8 images [N, 3, S, S] with true `labels`,
+    both run on `device` (a `train.device` setting).
 
     `reference_logits`: the FP32 model's logits on these images, when already computed (else they are).
     """
     check_precision(precision)
-    exported = load_exported(exported_dir)
+    exported = load_exported(exported_dir, device)
     if exported.precision != precision:
         raise VitflowError(f"{exported_dir}: holds a {exported.precision} export, not {precision}")
     if reference_logits is None:
-        reference_logits = predict_logits(load_exported(fp32_model_dir), images_uint8, batch_size)
+        reference_logits = predict_logits(load_exported(fp32_model_dir, device), images_uint8, batch_size)
     logits = predict_logits(exported, images_uint8, batch_size)
     size, fp32_size = weights_bytes(exported_dir), weights_bytes(fp32_model_dir)
     return {
@@ -81,14 +82,16 @@ def compare_precisions(fp32_model_dir: Path | str, exported_dir: Path | str, pre
 
 
 def export_and_verify(model_dir: Path | str, cache_dir: Path | str, out_root: Path | str,
-                      precisions: Sequence[str] = ("fp16", "bf16", "int8"), batch_size: int = 32) -> list[dict]:
-    """Export `model_dir` at each precision into `out_root/<precision>`; one record each, on the test split."""
+                      precisions: Sequence[str] = ("fp16", "bf16", "int8"), batch_size: int = 32,
+                      device: str = "auto") -> list[dict]:
+    """Export `model_dir` at each precision into `out_root/<precision>`; one record each, on the test split,
+    checked on `device` (a `train.device` setting)."""
     for precision in precisions:
         check_precision(precision)
     test = load_split(cache_dir, "test")
-    reference_logits = predict_logits(load_exported(model_dir), test.images, batch_size)
+    reference_logits = predict_logits(load_exported(model_dir, device), test.images, batch_size)
     return [compare_precisions(model_dir, export_model(model_dir, precision, Path(out_root) / precision), precision,
-                               test.images, test.labels, batch_size, reference_logits)
+                               test.images, test.labels, batch_size, reference_logits, device)
             for precision in precisions]
 
 

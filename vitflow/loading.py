@@ -25,10 +25,11 @@ def resolve_model(model: str | None, model_name: str):
     return _load_logged(model, model_name, load)
 
 
-def resolve_runner(model: str | None, precision: str, model_name: str):
-    """Like `resolve_model`, but the model's export at `precision`, as a `vitflow.precision.ExportedModel`."""
+def resolve_runner(model: str | None, precision: str, model_name: str, device: str = "auto"):
+    """Like `resolve_model`, but the model's export at `precision`, as a `vitflow.precision.ExportedModel`; a
+    model directory runs on `device` (a `train.device` setting), a logged model where its loader puts it."""
     if model and Path(model).is_dir():
-        runner = load_exported(model)
+        runner = load_exported(model, device)
         if runner.precision != precision:
             raise VitflowError(f"{model}: holds a {runner.precision} model, not {precision}; pass --precision "
                                f"{runner.precision}, or a registered model URI to pick one of its exports")

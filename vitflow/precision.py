@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from vitflow.devices import resolve_device
 from vitflow.errors import VitflowError
 from vitflow.models import DataConfig, ImageClassifier, load_model
 from vitflow.models.base import read_sidecar
@@ -31,7 +32,7 @@ class ExportedModel:
 
     run: Runner
     precision: str  # what is stored: one of PRECISIONS
-    compute: str  # how it runs, e.g. "cpu-fp32-upcast", "cuda-fp16", "cpu-bf16", "cpu-int8-onnxruntime"
+    compute: str  # how it runs, e.g. "cpu-fp32-upcast", "cuda-fp16", "cpu-bf16", "mps-fp32", "cpu-int8-onnxruntime"
     labels: list[str]
     data_config: DataConfig
 
@@ -39,11 +40,12 @@ class ExportedModel:
         return self.run(pixels)
 
 
-def load_exported(model_dir: Path | str) -> ExportedModel:
-    """Any model directory (an export, or a plain checkpoint taken as fp32), ready to run.
+def load_exported(model_dir: Path | str, device: str = "auto") -> ExportedModel:
+    """Any model directory (an export, or a plain checkpoint taken as fp32), ready to run on `device`
+    (a `train.device` setting: auto picks a GPU when there is one).
 
-    fp16 runs in FP16 on a GPU when there is one, else upcast to FP32 (FP16 arithmetic is slow or missing on
-    CPUs); bf16 runs in BF16 (natively on CPUs with BF16 instructions); int8 runs in ONNX Runtime on the CPU.
+    fp16 runs in FP16 on a GPU, else upcast to FP32 (FP16 arithmetic is slow or missing on CPUs); bf16 runs
+    in BF16 (natively on CPUs with BF16 instructions); int8 runs in ONNX Runtime on the CPU.
     """
     model_dir = Path(model_dir)
     sidecar = read_sidecar(model_dir)
@@ -52,10 +54,10 @@ def load_exported(model_dir: Path | str) -> ExportedModel:
     if precision == "int8":
         return ExportedModel(_onnx_runner(model_dir / ONNX_FILE), precision, "cpu-int8-onnxruntime",
                              sidecar["labels"], DataConfig.from_dict(sidecar["data_config"]))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device).type
     dtype = DTYPES[precision]
     compute = f"{device}-{precision}"
-    if precision == "fp16" and device == "cpu":
+    if precision == "fp16" and device != "cuda":
         dtype, compute = torch.float32, "cpu-fp32-upcast"
     classifier = load_model(str(model_dir))
     return ExportedModel(_torch_runner(classifier, dtype, device), precision, compute, classifier.labels,

@@ -100,11 +100,12 @@ def evaluate(config: Config, strategy: str) -> None:
     import pandas as pd
 
     from vitflow.data.cache import load_split
+    from vitflow.devices import resolve_device
     from vitflow.evaluation import evaluate_model
     from vitflow.models import load_model
     from vitflow.training.loop import RESULT_FILE
 
-    model = load_model(str(model_root(strategy) / "model"))
+    model = load_model(str(model_root(strategy) / "model")).to(resolve_device(config.train.device))
     test = load_split(CACHE_DIR, "test")
     history = json.loads((model_root(strategy) / RESULT_FILE).read_text())["history"]
     result = evaluate_model(model, test, PIPELINE / "evaluation" / strategy, config.evaluate.batch_size, history)
@@ -119,7 +120,7 @@ def export(config: Config, strategy: str) -> None:
     from vitflow.export import export_and_verify
 
     records = export_and_verify(model_root(strategy) / "model", CACHE_DIR, PIPELINE / "exports" / strategy,
-                                config.export.precisions, config.evaluate.batch_size)
+                                config.export.precisions, config.evaluate.batch_size, config.train.device)
     write_json(METRICS / f"export-{strategy}.json",
                {record["precision"]: {key: value for key, value in record.items() if key not in ("precision", "path")}
                 for record in records})

@@ -50,7 +50,8 @@ def predict_command(args: argparse.Namespace) -> int:
         if value < 1:
             raise VitflowError(f"{option} {value}: must be 1 or more")
     paths, skipped = find_images(args.images)
-    model = resolve_runner(args.model, args.precision, load_config(args.params).registry.model_name)
+    config = load_config(args.params)
+    model = resolve_runner(args.model, args.precision, config.registry.model_name, config.train.device)
     predictions, unreadable = predict_files(model, paths, args.top_k, args.batch_size)
     skipped += unreadable
     if not predictions:
