@@ -186,7 +186,7 @@ def test_a_training_is_reused_only_when_complete(cache, tiny_hf_model, tmp_path)
     out_dir = tmp_path / "fingerprint" / "feature_extraction"
 
     first = train_or_reuse(model, LABELS, None, cache_dir, resolved, out_dir, progress=False)
-    assert sorted(path.name for path in out_dir.parent.iterdir()) == ["feature_extraction"]  # no staging left
+    assert sorted(path.name for path in out_dir.parent.iterdir()) == [".feature_extraction.lock", "feature_extraction"]
     assert first.model_dir == str(out_dir / "model")
     again = train_or_reuse(model, LABELS, None, cache_dir, resolved, out_dir, progress=False)
     assert again == first  # reused: the same timings, not a new training

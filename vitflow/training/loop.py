@@ -11,6 +11,7 @@ Each epoch ends with a checkpoint, so a killed training resumes from its last fi
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -194,10 +195,29 @@ def train_from_cache(model: ModelConfig, labels: list[str], image_size: int | No
                      resolved: ResolvedStrategy, out_dir: Path | str, progress: bool = True,
                      checkpoint_dir: Path | None = None, observer: TrainingObserver | None = None) -> TrainResult:
     """Load the pretrained model with a new head for `labels` and fine-tune it on the cache's train/val splits."""
-    torch.manual_seed(resolved.settings.seed)  # the new head's initialisation
-    classifier = load_pretrained(model, labels, image_size)
+    classifier = pretrained_copy(model, tuple(labels), image_size, resolved.settings.seed)
     return fine_tune(classifier, load_split(cache_dir, "train"), load_split(cache_dir, "val"), resolved, out_dir,
                      progress=progress, checkpoint_dir=checkpoint_dir, observer=observer)
+
+
+_pretrained: dict[tuple, ImageClassifier] = {}
+_pretrained_lock = threading.Lock()
+
+
+def pretrained_copy(model: ModelConfig, labels: tuple[str, ...], image_size: int | None,
+                    seed: int) -> ImageClassifier:
+    """A fresh copy of the pretrained model with a new head for `labels`, initialised from `seed`.
+
+    The weights are read from disk once per process for the last (model, labels, size, seed) asked for, so
+    the strategies of one flow run share the read.
+    """
+    key = (model.model_dump_json(), labels, image_size, seed)
+    with _pretrained_lock:
+        if key not in _pretrained:
+            torch.manual_seed(seed)  # the new head's initialisation
+            _pretrained.clear()
+            _pretrained[key] = load_pretrained(model, list(labels), image_size)
+        return copy.deepcopy(_pretrained[key])
 
 
 def train_or_reuse(model: ModelConfig, labels: list[str], image_size: int | None, cache_dir: Path | str,
