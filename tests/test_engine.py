@@ -213,3 +213,21 @@ def test_an_observer_sees_every_step_and_epoch_as_they_happen(cache, tiny_hf_mod
     assert max(lr_head) <= TRAIN.lr_head and lr_head[-1] < lr_head[peak]  # warm-up, then the cosine decay
     assert all(values["train_loss"] > 0 for _, values in recorder.steps)
     assert ("lr_backbone" in recorder.steps[0][1]) == (strategy == "full")
+
+
+def test_strategies_share_one_read_of_the_pretrained_weights(tiny_hf_model, monkeypatch):
+    reads = []
+    real_load = loop.load_pretrained
+    monkeypatch.setattr(loop, "load_pretrained", lambda *args: reads.append(args) or real_load(*args))
+    model = ModelConfig(source=str(tiny_hf_model))
+    first, second = (loop.pretrained_copy(model, tuple(LABELS), None, seed=7) for _ in range(2))
+    assert len(reads) == 1
+    loaded = second.state_dict()
+    assert all(torch.equal(value, loaded[name]) for name, value in first.state_dict().items())
+    with torch.no_grad():
+        first.head.weight.add_(1.0)  # training one strategy's copy leaves the others as loaded
+    assert not torch.equal(first.head.weight, second.head.weight)
+    torch.manual_seed(7)  # the head is initialised as a fresh load with that seed would be
+    assert torch.equal(second.head.weight, load_model(str(tiny_hf_model), LABELS).head.weight)
+    loop.pretrained_copy(model, tuple(LABELS), None, seed=8)
+    assert len(reads) == 2  # another seed: another head
