@@ -37,14 +37,21 @@ def save_tiny_hf_vit(directory: Path, num_labels: int = 3) -> Path:
     return directory
 
 
-def save_tiny_timm_vit(directory: Path, num_classes: int = 3) -> Path:
-    """A randomly initialised 2-block timm VisionTransformer saved as a local timm checkpoint."""
+TIMM_ARCHITECTURES = {  # timm model name -> what makes it tiny (32x32 input, 2 blocks)
+    "vit_tiny_patch16_224": {"patch_size": 8, "embed_dim": 32},
+    "deit_tiny_distilled_patch16_224": {"patch_size": 8, "embed_dim": 32},  # class + distillation token, two heads
+    "vit_tiny_r_s16_p8_224": {"embed_dim": 32},  # hybrid: a ResNet stem feeds the transformer
+}
+
+
+def save_tiny_timm_vit(directory: Path, num_classes: int = 3, architecture: str = "vit_tiny_patch16_224") -> Path:
+    """A randomly initialised 2-block timm vision transformer saved as a local timm checkpoint."""
     import timm
     import torch
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=TINY_IMAGE_SIZE, patch_size=8,
-                              depth=2, num_heads=2, embed_dim=32, num_classes=num_classes)
+    model = timm.create_model(architecture, pretrained=False, img_size=TINY_IMAGE_SIZE, depth=2, num_heads=2,
+                              num_classes=num_classes, **TIMM_ARCHITECTURES[architecture])
     timm.models.save_for_hf(model, str(directory), safe_serialization=True)
     return directory
 
@@ -109,6 +116,16 @@ def tiny_hf_model(session_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_timm_model(session_dir) -> Path:
     return save_tiny_timm_vit(session_dir / "tiny-timm-vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_deit_distilled(session_dir) -> Path:
+    return save_tiny_timm_vit(session_dir / "tiny-deit-distilled", architecture="deit_tiny_distilled_patch16_224")
+
+
+@pytest.fixture(scope="session")
+def tiny_hybrid(session_dir) -> Path:
+    return save_tiny_timm_vit(session_dir / "tiny-hybrid", architecture="vit_tiny_r_s16_p8_224")
 
 
 @pytest.fixture(scope="session")

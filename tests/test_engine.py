@@ -231,3 +231,18 @@ def test_strategies_share_one_read_of_the_pretrained_weights(tiny_hf_model, monk
     assert torch.equal(second.head.weight, load_model(str(tiny_hf_model), LABELS).head.weight)
     loop.pretrained_copy(model, tuple(LABELS), None, seed=8)
     assert len(reads) == 2  # another seed: another head
+
+
+def test_feature_extraction_on_a_distilled_deit_trains_both_heads_as_the_model_uses_them(cache, tiny_deit_distilled,
+                                                                                          tmp_path):
+    from vitflow.data.images import normalize
+
+    model = load_model(str(tiny_deit_distilled), LABELS)
+    val = load_split(cache, "val")
+    result = fine_tune(model, load_split(cache, "train"), val,
+                       resolve(settings(epochs=3, feature_extraction={"epochs": 3}), "feature_extraction"), tmp_path,
+                       progress=False)
+    assert result.trainable_params == sum(p.numel() for p in model.head.parameters())  # head and head_dist
+    with torch.no_grad():  # the features the head trained on give the model's own predictions
+        accuracy = (model.eval()(normalize(val.images, model.data_config)).argmax(1) == val.labels).float().mean()
+    assert accuracy.item() == pytest.approx(result.history[result.best_epoch - 1]["val_accuracy"])

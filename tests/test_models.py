@@ -9,10 +9,10 @@ from vitflow.models import DataConfig, load_model
 LABELS = ["ants", "bees"]
 
 
-@pytest.mark.parametrize("backend", ["hf", "timm"])
-def test_new_head_fits_labels_and_features_feed_the_head(backend, tiny_hf_model, tiny_timm_model):
-    source = str(tiny_hf_model if backend == "hf" else tiny_timm_model)
-    model = load_model(source, labels=LABELS).eval()
+@pytest.mark.parametrize("backend, fixture", [("hf", "tiny_hf_model"), ("timm", "tiny_timm_model"),
+                                              ("timm", "tiny_deit_distilled"), ("timm", "tiny_hybrid")])
+def test_new_head_fits_labels_and_features_feed_the_head(backend, fixture, request):
+    model = load_model(str(request.getfixturevalue(fixture)), labels=LABELS).eval()
     assert model.backend == backend
     assert model.labels == LABELS
     pixels = torch.randn(3, 3, 32, 32)

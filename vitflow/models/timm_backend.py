@@ -20,12 +20,28 @@ class TimmClassifier(ImageClassifier):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values)
 
+    @property
+    def distilled(self) -> bool:
+        """A distilled model (DeiT): one head on the class token, one on the distillation token, averaged."""
+        return isinstance(self.model.get_classifier(), tuple)
+
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(pixel_values), pre_logits=True)
+        tokens = self.model.forward_features(pixel_values)
+        if self.distilled:  # both tokens, each for its own head, as the model's forward uses them
+            return torch.cat([tokens[:, 0], tokens[:, 1]], dim=-1)
+        return self.model.forward_head(tokens, pre_logits=True)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        if self.distilled:
+            head, head_dist = self.model.get_classifier()
+            on_class_token, on_distillation_token = features.chunk(2, dim=-1)
+            return (head(on_class_token) + head_dist(on_distillation_token)) / 2
+        return self.head(features)
 
     @property
     def head(self) -> nn.Module:
-        return self.model.get_classifier()
+        classifier = self.model.get_classifier()
+        return nn.ModuleList(classifier) if isinstance(classifier, tuple) else classifier
 
     @property
     def blocks(self) -> nn.ModuleList:

@@ -50,7 +50,7 @@ class FeatureExtraction(Strategy):
             head.train()
             losses = []
             for indices in torch.randperm(len(train.labels)).split(settings.batch_size):
-                loss = F.cross_entropy(head(train_features[indices]), train_labels[indices],
+                loss = F.cross_entropy(model.forward_head(train_features[indices]), train_labels[indices],
                                        label_smoothing=settings.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -63,7 +63,7 @@ class FeatureExtraction(Strategy):
                                  {"train_loss": loss.item(), "lr_head": scheduler.get_last_lr()[0]})
             head.eval()
             with torch.no_grad():
-                val_logits = head(val_features)
+                val_logits = model.forward_head(val_features)
             state.record({"epoch": epoch, "train_loss": sum(losses) / len(losses),
                           **validation_metrics(val_logits, val_labels)}, model)
             run.observe_epoch(state.history[-1])
