@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from vitflow.errors import VitflowError
 from vitflow.paths import PARAMS_FILE
@@ -45,9 +45,17 @@ class DataConfigSection(Section):
 
 
 class ModelConfig(Section):
-    source: str = Field(min_length=1)
+    source: str | list[str] = Field(min_length=1)  # several: the flow trains each under every strategy
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load pickled (.bin) weights, which can run code: only for files you trust
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+    def each(self) -> list[ModelConfig]:
+        """One config per source, with the same security settings."""
+        return [self.model_copy(update={"source": source}) for source in self.sources]
 
 
 class PreprocessConfig(Section):
@@ -107,8 +115,16 @@ class MlflowConfig(Section):
 
 class ExplainConfig(Section):
     images: int = Field(ge=1)
+    method: Literal["gradient", "plain"] = "gradient"  # gradient: class-specific rollout for the predicted class
     head_fusion: Literal["mean", "max", "min"]
     discard_ratio: float = Field(ge=0, lt=1)
+
+    @field_validator("head_fusion")
+    @classmethod
+    def _gradient_fuses_by_mean(cls, head_fusion: str, info: ValidationInfo) -> str:
+        if info.data.get("method") == "gradient" and head_fusion != "mean":
+            raise ValueError("gradient rollout averages the heads; use mean, or explain.method: plain")
+        return head_fusion
 
 
 class ExportConfig(Section):

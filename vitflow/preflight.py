@@ -22,8 +22,12 @@ class RunPlan:
     config: Config
     strategies: list[ResolvedStrategy]
     data_path: Path
-    model: ModelConfig  # its source: a project directory as an absolute path; ids and names as given
-    builds_foundation: bool  # the model is the default backbone, rebuilt by DVC's `foundation` stage
+    models: list[ModelConfig]  # one per source: a project directory as an absolute path; ids and names as given
+    builds_foundation: bool  # a model is the default backbone, rebuilt by DVC's `foundation` stage
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.models[0]
 
 
 def plan_run(params_file: Path | str = PARAMS_FILE, overrides: list[str] | None = None) -> RunPlan:
@@ -38,13 +42,17 @@ def plan_run(params_file: Path | str = PARAMS_FILE, overrides: list[str] | None 
         if not restorable.with_name(f"{restorable.name}.dvc").is_file():
             raise VitflowError(f"{data_path}: data not found; set data.path or pass --data")
     foundation = project_path(config.foundation.output)
-    source = config.model.source
-    in_project = project_path(source)
-    builds_foundation = in_project == foundation
-    model = config.model.model_copy(update={"source": str(in_project) if in_project.exists() or builds_foundation
-                                            else source})
-    if not builds_foundation:
-        resolve_backend(model.source)
-        if not model.allow_pickle:
-            check_safetensors_only(model.source)
-    return RunPlan(config, strategies, data_path, model, builds_foundation)
+    if len(set(config.model.sources)) != len(config.model.sources):
+        raise VitflowError(f"model.source={config.model.sources} names a model twice")
+    models = []
+    for model in config.model.each():
+        in_project = project_path(model.source)
+        if in_project.exists() or in_project == foundation:
+            model = model.model_copy(update={"source": str(in_project)})
+        if in_project != foundation:
+            resolve_backend(model.source)
+            if not model.allow_pickle:
+                check_safetensors_only(model.source)
+        models.append(model)
+    builds_foundation = any(Path(model.source) == foundation for model in models)
+    return RunPlan(config, strategies, data_path, models, builds_foundation)

@@ -14,7 +14,8 @@ def add_commands(commands) -> None:
     run = commands.add_parser("run", help="run the retrain flow: version data, fine-tune, evaluate, register")
     run.add_argument("--params", default=str(PARAMS_FILE), help="config file (default: the project's params.yaml)")
     run.add_argument("--data", help="image folder: <split>/<class>/* or <class>/* (overrides data.path)")
-    run.add_argument("--model", help="HF id or directory, or timm name or directory (overrides model.source)")
+    run.add_argument("--model", help="HF id or directory, or timm name or directory (overrides model.source); "
+                     "several, comma-separated, train each under every strategy")
     run.add_argument("--strategies", help="comma-separated, e.g. full,partial,feature_extraction")
     run.add_argument("--epochs", type=int, help="overrides train.epochs")
     run.add_argument("--batch-size", type=int, help="overrides train.batch_size")
@@ -35,7 +36,8 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
     if args.data:
         overrides.append(f"data.path={Path(args.data).resolve()}")
     if args.model:
-        overrides.append(f"model.source={Path(args.model).resolve() if Path(args.model).exists() else args.model}")
+        sources = [str(Path(source).resolve()) if Path(source).exists() else source for source in args.model.split(",")]
+        overrides.append(f"model.source={sources[0] if len(sources) == 1 else sources}")
     if args.strategies:
         overrides.append(f"train.strategies=[{args.strategies}]")
     if args.epochs is not None:
@@ -65,7 +67,8 @@ def run_command(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from flows.retrain import retrain, task_runner
-    from vitflow.tracking import tracking_uri
+    from vitflow.cli.ui import MLFLOW_PORT
+    from vitflow.tracking import experiment_page, server_url
 
     prefect_loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
                        if name.startswith("prefect")]
@@ -78,11 +81,11 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"nothing to do: data, params and code match finished run {summary['same_as_run']} "
               f"(recorded as run {summary['parent_run_id']}); pass --force to retrain anyway")
         return 0
-    rows = [{"strategy": item.strategy, "version": item.version,
+    rows = [{"strategy": item.strategy, "version": item.version, "accuracy": item.metrics["test_accuracy"],
+             "macro_f1": item.metrics["test_macro_f1"], "best_epoch": int(item.metrics["best_epoch"]),
+             "fit_s": item.metrics["train_seconds"], "latency_ms": item.metrics["latency_ms_per_image"],
              "trainable_params": int(item.metrics["trainable_params"]),
-             "train_s": item.metrics["train_seconds"], "train_img/s": item.metrics["train_images_per_second"],
-             "test_accuracy": item.metrics["test_accuracy"], "test_macro_f1": item.metrics["test_macro_f1"],
-             "latency_ms": item.metrics["latency_ms_per_image"], "run_id": item.run_id}
+             "train_img/s": item.metrics["train_images_per_second"], "run_id": item.run_id}
             for item in summary["registered"]]
     decision = summary["decision"]
     print()
@@ -92,9 +95,9 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"challenger: {summary['model_name']} v{decision.challenger}, {outcome} ({decision.reason})")
     print(f"data version: {summary['data_version']}; images skipped: {summary['skipped_images']} (see the manifest)")
     print(f"parent run: {summary['parent_run_id']} (experiment {summary['experiment_id']})")
-    uri = tracking_uri()
-    if uri.startswith("sqlite:"):
-        print(f"compare the runs: uv run mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+    if url := server_url():
+        print(f"compare the runs: {experiment_page(url, summary['experiment_id'])}")
     else:
-        print(f"compare the runs on the tracking server: {uri}")
+        page = experiment_page(f"http://127.0.0.1:{MLFLOW_PORT}", summary["experiment_id"])
+        print(f"compare the runs: uv run vitflow ui, then open {page}")
     return 0
