@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 from transformers import (
     DeiTConfig,
@@ -13,7 +14,7 @@ from transformers import (
 )
 
 from vitflow.explain.capture import capture_attentions
-from vitflow.explain.figures import _tile_title, overlay_heatmap, save_overlay_grid
+from vitflow.explain.figures import explanation_figure, save_figure, tile_title
 from vitflow.explain.heatmaps import explain
 from vitflow.explain.rollout import attention_rollout, cls_patch_map, fuse_heads, gradient_rollout
 
@@ -317,28 +318,54 @@ def test_capture_rejects_other_models():
         capture_attentions(torch.nn.Linear(3, 3), torch.zeros(1, 3, 8, 8))
 
 
+def test_gradient_rollout_is_class_specific_and_differs_from_plain():
+    torch.manual_seed(0)
+    model = hf_vit()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    plain, _ = explain(model, pixels)
+    for_class = [explain(model, pixels, target_class=target)[0] for target in (0, 1)]
+    assert not torch.allclose(for_class[0], for_class[1], atol=1e-3)
+    assert not torch.allclose(for_class[0], plain, atol=1e-3)
+    per_image, _ = explain(model, pixels, target_class=torch.tensor([0, 1]))  # one class per image in a batch
+    torch.testing.assert_close(per_image, torch.stack([for_class[0][0], for_class[1][1]]))
+
+
 # --------------------------------------------------------------------------- drawing
 
 
-def test_overlay_heatmap_blends_at_image_size():
-    image = Image.new("RGB", (40, 24), (10, 200, 30))
-    patch_map = np.array([[0.0, 1.0], [0.5, 0.25]])
-    assert overlay_heatmap(image, patch_map, alpha=0.0).tobytes() == image.tobytes()
-    overlay = overlay_heatmap(image, torch.from_numpy(patch_map), alpha=0.5)
-    assert overlay.size == (40, 24) and overlay.mode == "RGB"
-    assert overlay.tobytes() != image.tobytes()
-    left, right = np.asarray(overlay)[0, 0].astype(int), np.asarray(overlay)[0, -1].astype(int)
-    assert left[2] > right[2] and right[0] > left[0]  # jet: low = blue, high = red
+def tile_parts(panel):
+    """(original, overlay, colour bar) axes of one tile, told apart by what they hold."""
+    colour_bars = [ax for ax in panel.axes if ax.get_label() == "<colorbar>"]
+    pictures = [ax for ax in panel.axes if ax.get_label() != "<colorbar>"]
+    assert len(colour_bars) == 1 and len(pictures) == 2
+    original, overlay = sorted(pictures, key=lambda ax: len(ax.images))
+    return original, overlay, colour_bars[0]
 
 
-def test_save_overlay_grid_writes_png(tmp_path):
-    image = Image.new("RGB", (32, 32), (128, 128, 128))
-    items = [
-        dict(image=image, map=np.random.rand(4, 4), true_label="cat", pred_label="dog", prob=0.93) for _ in range(5)
-    ]
-    path = save_overlay_grid(items, tmp_path / "out" / "grid.png", cols=3)
+def test_each_tile_shows_the_image_beside_its_overlay_and_a_colour_bar(tmp_path):
+    image = Image.new("RGB", (32, 24), (128, 128, 128))
+    patch_map = np.random.default_rng(0).random((3, 4))
+    items = [dict(image=image, map=patch_map, title=tile_title("cat", "dog", 0.9312)) for _ in range(5)]
+    fig = explanation_figure(items, title="gradient rollout", cols=2)
+
+    assert isinstance(fig, Figure) and [text.get_text() for text in fig.texts] == ["gradient rollout"]
+    panels = fig.subfigs
+    assert len(panels) == 6  # 3 rows of 2; the last is left empty
+    for panel in panels[:5]:
+        original, overlay, colour_bar = tile_parts(panel)
+        assert [text.get_text() for text in panel.texts] == ["true: cat / pred: dog (p=0.93)"]
+        assert len(original.images) == 1
+        np.testing.assert_array_equal(original.images[0].get_array(), np.asarray(image))
+        picture, heat = overlay.images
+        np.testing.assert_array_equal(picture.get_array(), np.asarray(image))
+        np.testing.assert_allclose(heat.get_array(), patch_map)
+        assert heat.get_extent() == [0, 32, 24, 0]  # stretched over the whole image
+        assert heat.get_alpha() == 0.5 and heat.get_clim() == (0, 1)
+        assert colour_bar.get_ylim() == (0, 1) and "attribution" in colour_bar.get_ylabel()
+    assert not panels[5].axes
+
+    path = save_figure(fig, tmp_path / "out" / "grid.png")
     with Image.open(path) as png:
-        assert png.format == "PNG" and png.width > png.height
-    assert _tile_title("cat", "dog", 0.9312) == "true: cat / pred: dog (p=0.93)"
+        assert png.format == "PNG" and png.size == (1280, 1060)
     with pytest.raises(ValueError):
-        save_overlay_grid([], tmp_path / "empty.png")
+        explanation_figure([])

@@ -25,14 +25,17 @@ def add_commands(commands) -> None:
     predict.add_argument("--params", default=str(PARAMS_FILE), help=argparse.SUPPRESS)
     predict.set_defaults(handler=predict_command)
 
-    explain = commands.add_parser("explain", help="attention-rollout heatmap over one image")
+    explain = commands.add_parser("explain", help="one image beside its rollout heatmap, with a colour scale")
     explain.add_argument("image", help="image file")
     explain.add_argument("--model", help="MLflow model URI or checkpoint directory (default: the champion)")
-    explain.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean")
-    explain.add_argument("--discard", type=float, default=0.0, metavar="RATIO",
-                         help="drop this fraction of the weakest attention per layer")
+    explain.add_argument("--method", choices=["gradient", "plain"],
+                         help="gradient: class-specific rollout; plain: attention alone (default: explain.method)")
+    explain.add_argument("--head-fusion", choices=["mean", "max", "min"],
+                         help="how plain rollout fuses the heads (default: explain.head_fusion)")
+    explain.add_argument("--discard", type=float, metavar="RATIO",
+                         help="drop this fraction of the weakest attention per layer (default: explain.discard_ratio)")
     explain.add_argument("--class", dest="class_label", metavar="LABEL",
-                         help="class-specific gradient rollout for LABEL")
+                         help="gradient rollout for LABEL (default: the predicted class)")
     explain.add_argument("--out", help="output PNG (default: <image name>.rollout.png in the current directory)")
     explain.add_argument("--params", default=str(PARAMS_FILE), help=argparse.SUPPRESS)
     explain.set_defaults(handler=explain_command)
@@ -70,15 +73,21 @@ def predict_command(args: argparse.Namespace) -> int:
 
 
 def explain_command(args: argparse.Namespace) -> int:
+    from vitflow.devices import resolve_device
     from vitflow.explain.heatmaps import explain_image
     from vitflow.loading import resolve_model
 
     if not Path(args.image).is_file():
         raise VitflowError(f"{args.image}: no such image file")
-    model = resolve_model(args.model, load_config(args.params).registry.model_name)
+    config = load_config(args.params)
+    settings = config.explain
+    method = args.method or settings.method
+    head_fusion = args.head_fusion or (settings.head_fusion if method == "plain" else "mean")
+    discard = settings.discard_ratio if args.discard is None else args.discard
+    model = resolve_model(args.model, config.registry.model_name).to(resolve_device(config.train.device))
     out = args.out or f"{Path(args.image).stem}.rollout.png"
-    result = explain_image(model, args.image, out, args.head_fusion, args.discard, args.class_label)
+    result = explain_image(model, args.image, out, method, head_fusion, discard, args.class_label)
     target = f" for class {result['class']}" if result["class"] else ""
     print(f"predicted {result['predicted']} (p={result['probability']:.3f}); "
-          f"rollout{target} written to {result['path']}")
+          f"{method} rollout{target} written to {result['path']}")
     return 0

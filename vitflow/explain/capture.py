@@ -16,12 +16,12 @@ from torch import Tensor, nn
 from vitflow.models import Captured, backend_of_module
 
 
-def capture_attentions(model: nn.Module, pixel_values: Tensor, target_class: int | None = None) -> Captured:
+def capture_attentions(model: nn.Module, pixel_values: Tensor, target_class: int | Tensor | None = None) -> Captured:
     """Run one explanation pass of a transformers or timm ViT on [B, 3, H, W] and capture its attention.
 
-    With `target_class`, the summed logit of that class is backpropagated to the attention maps
-    (parameter .grad fields are left untouched). The model's attention implementation and the
-    training flags of all its modules are restored afterwards.
+    With `target_class` (one class for every image, or a [B] tensor of one class per image), each image's
+    logit of its class is backpropagated to the attention maps (parameter .grad fields are left untouched).
+    The model's attention implementation and the training flags of all its modules are restored afterwards.
     """
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values must be [B, C, H, W], got shape {tuple(pixel_values.shape)}")
@@ -37,9 +37,12 @@ def capture_attentions(model: nn.Module, pixel_values: Tensor, target_class: int
         logits = captured.logits
         if logits is None:
             raise ValueError(f"{type(model).__name__} returns no logits, so target_class cannot be used")
-        if not 0 <= target_class < logits.shape[-1]:
+        targets = torch.as_tensor(target_class, device=logits.device).expand(logits.shape[0])
+        if targets.min() < 0 or targets.max() >= logits.shape[-1]:
             raise ValueError(f"target_class {target_class} out of range for {logits.shape[-1]} classes")
-        gradients = torch.autograd.grad(logits[:, target_class].sum(), captured.attentions)
+        # Images do not interact in a forward pass, so the gradient of the summed target logits gives each
+        # image the gradient of its own target logit.
+        gradients = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), captured.attentions)
     return dataclasses.replace(
         captured,
         attentions=[a.detach() for a in captured.attentions],

@@ -45,9 +45,10 @@ def attention_rollout(attentions: Sequence[Tensor], head_fusion: str = "mean", d
 
 
 def gradient_rollout(attentions: Sequence[Tensor], gradients: Sequence[Tensor], discard_ratio: float = 0.0) -> Tensor:
-    """Class-specific rollout: per layer relu(A * dlogit/dA) fused by head mean, then rolled out -> [B, N, N].
+    """Class-specific rollout (Chefer et al. 2021): per layer A ⊙ relu(dlogit/dA), averaged over heads, then
+    rolled out like attention (residual added, rows renormalised, layers multiplied) -> [B, N, N].
 
-    `gradients` are the gradients of the chosen class's logit w.r.t. each attention map (same shapes).
+    `gradients` are the gradients of the explained class's logit w.r.t. each attention map (same shapes).
     A row left all zero by the clamp becomes the identity row through the residual, so there is no NaN.
     """
     _check_attentions(attentions)
@@ -58,7 +59,7 @@ def gradient_rollout(attentions: Sequence[Tensor], gradients: Sequence[Tensor], 
             raise ValueError(
                 f"layer {layer}: gradient shape {tuple(grad.shape)} != attention shape {tuple(attn.shape)}"
             )
-    weighted = [(a.float() * g.float()).clamp(min=0).mean(dim=1) for a, g in zip(attentions, gradients, strict=True)]
+    weighted = [(a.float() * g.float().clamp(min=0)).mean(dim=1) for a, g in zip(attentions, gradients, strict=True)]
     return _rollout(weighted, discard_ratio)
 
 
