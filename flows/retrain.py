@@ -21,12 +21,20 @@ from tasks.foundation import foundation_task
 from tasks.lifecycle import end_run_records, release_run_lock
 from tasks.preprocess import inspect_model_task, plan_task, preprocess_task
 from tasks.registry import model_name_task, promote_task, publish_comparison_task
-from tasks.tracking import log_exports_task, log_strategy_task, start_tracking_task
+from tasks.tracking import (
+    finish_strategy_task,
+    log_dataset_task,
+    log_exports_task,
+    log_strategy_task,
+    start_strategy_task,
+    start_tracking_task,
+)
 from tasks.train import fine_tune_task
 from vitflow.config import Config, ModelConfig
+from vitflow.data.versioning import DataVersion
 from vitflow.errors import VitflowError
 from vitflow.paths import PARAMS_FILE, work_dir
-from vitflow.tracking import RegisteredVersion, TrackingStart
+from vitflow.tracking import RegisteredVersion, TrackingStart, system_metrics
 
 
 @dataclass(frozen=True)
@@ -39,25 +47,32 @@ class StrategyBranch:
     cache_dir: str
     manifest_csv: str
     model_name: str  # the registered model this data's label set goes to
+    data_version: DataVersion
 
 
-@task(name="strategy", task_run_name="{strategy}")
+@task(name="strategy", task_run_name="strategy-{strategy}")
 def strategy_task(strategy: str, branch: StrategyBranch) -> RegisteredVersion:
-    """One strategy's branch: fine-tune, evaluate, log and register, explain, export.
+    """One strategy's branch: its MLflow run, then fine-tune (logged live), evaluate, log and register, explain,
+    export, and the run ends; the machine's load is logged to the run meanwhile.
 
     Strategies are independent, so the flow's task runner may run these branches concurrently
     (threads by default, or Dask workers on other machines).
     """
     config = branch.config
-    trained = fine_tune_task(branch.model, config.preprocess.image_size, branch.cache_dir, strategy, config.train)
-    evaluation = evaluate_task(trained.model_dir, branch.cache_dir, config.evaluate.batch_size, config.train.device,
-                               trained.history)
-    version = log_strategy_task(branch.tracking, trained, evaluation, config.as_dict(), branch.manifest_csv,
-                                branch.model_name)
-    rollout_task(trained.model_dir, branch.cache_dir, version.run_id, config.explain)
-    exports = export_task(trained.model_dir, branch.cache_dir, config.export, config.evaluate.batch_size,
-                          config.train.device)
-    log_exports_task(version.run_id, exports)
+    run_id = start_strategy_task(branch.tracking, strategy, config.train, config.as_dict(), branch.manifest_csv,
+                                 branch.data_version)
+    with system_metrics(run_id):
+        trained = fine_tune_task(branch.model, config.preprocess.image_size, branch.cache_dir, strategy, config.train,
+                                 run_id)
+        evaluation = evaluate_task.with_options(task_run_name=f"evaluate-{strategy}")(
+            trained.model_dir, branch.cache_dir, config.evaluate.batch_size, config.train.device, trained.history)
+        version = log_strategy_task(branch.tracking, run_id, trained, evaluation, branch.manifest_csv,
+                                    branch.cache_dir, branch.model_name)
+        rollout_task(trained.model_dir, branch.cache_dir, version.run_id, config.explain, config.train.device)
+        exports = export_task.with_options(task_run_name=f"export-{strategy}")(
+            trained.model_dir, branch.cache_dir, config.export, config.evaluate.batch_size, config.train.device)
+        log_exports_task.with_options(task_run_name=f"log-exports-{strategy}")(run_id, exports, branch.cache_dir)
+    finish_strategy_task(version, branch.model_name)
     return version
 
 
@@ -97,12 +112,13 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
 
     manifest_csv = str(work_dir() / "manifests" / f"{data_version.short}.csv")
     manifest = build_manifest_task(str(plan.data_path), config.data, manifest_csv)
+    log_dataset_task(tracking.parent_run_id, manifest_csv, data_version)
     model_name = model_name_task(config.registry, manifest)
     data_config = inspect_model_task(plan.model, config.preprocess.image_size)
     cache_dir = preprocess_task(manifest, str(plan.data_path), data_version.hash, data_config,
                                 str(work_dir() / "cache"), config.data.workers)
 
-    branch = StrategyBranch(config, tracking, plan.model, cache_dir, manifest_csv, model_name)
+    branch = StrategyBranch(config, tracking, plan.model, cache_dir, manifest_csv, model_name, data_version)
     futures = [strategy_task.submit(strategy.name, branch) for strategy in plan.strategies]
     registered = [future.result() for future in futures]
 

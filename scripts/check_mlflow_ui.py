@@ -1,10 +1,14 @@
-"""Open MLflow's compare view of the latest flow run's strategies in headless Chromium and screenshot it.
+"""Screenshot what the latest flow run left in MLflow's and Prefect's UIs, in headless Chromium.
 
-    uv run python scripts/check_mlflow_ui.py [--out docs/mlflow-compare.png]
+    uv run --with playwright python scripts/check_mlflow_ui.py [--out docs] [--experiment NAME] [--name MODEL]
 
-Starts `mlflow server` on loopback over the project's store, waits for it, points Chromium
-(Debian's `chromium` package) at the compare-runs page for the newest parent run's nested runs,
-writes the PNG, and stops the server.
+Starts an MLflow server on the project's store and a Prefect server on its Prefect home (as `vitflow ui` does, on
+free ports), finds the newest finished flow run with strategy runs, and writes, as PNG: the runs list with that
+run expanded (`mlflow-runs.png`), its strategies in the chart view (`mlflow-charts.png`) and the compare view
+(`mlflow-compare.png`), the registered model (`mlflow-model.png`) and its champion's model card
+(`mlflow-model-version.png`), and the Prefect flow run (`prefect-flow-run.png`) and its comparison artifact
+(`prefect-comparison.png`). Playwright drives Debian's `chromium` package (`apt-get install chromium`); its own
+browser download is not needed.
 """
 
 from __future__ import annotations
@@ -13,9 +17,7 @@ import argparse
 import json
 import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -23,12 +25,13 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from vitflow import environment
+from vitflow.cli.ui import Server, prefect_server
 from vitflow.config import load_config
-from vitflow.tracking import tracking_uri
+from vitflow.paths import work_dir
+from vitflow.tracking import experiment_page, tracking_uri
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--window-size=1600,1100", "--virtual-time-budget=20000"]
+VIEWPORT = {"width": 1600, "height": 1000}
 
 
 def free_port() -> int:
@@ -37,55 +40,92 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def latest_strategy_runs(client: MlflowClient, experiment: str) -> tuple[str, list[str]]:
-    """(experiment id, run ids of the newest parent run's nested runs)."""
+def latest_flow_run(client: MlflowClient, experiment: str):
+    """(experiment id, the newest finished parent run that has strategy runs, their run ids)."""
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     parents = client.search_runs([experiment_id], "tags.run_fingerprint != '' and attributes.status = 'FINISHED'",
                                  order_by=["attributes.start_time DESC"], max_results=20)
     for parent in parents:
         children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         if children:
-            return experiment_id, [run.info.run_id for run in children]
+            return experiment_id, parent, [run.info.run_id for run in children]
     sys.exit(f"error: no finished flow run with strategy runs in experiment {experiment!r}; run `vitflow run` first")
+
+
+def shoot(page, url: str, path: Path, ready: str, full_page: bool = False) -> None:
+    """Open `url`, wait for the text `ready`, let the charts settle, and save a screenshot at `path`."""
+    page.goto(url)
+    page.get_by_text(ready, exact=False).first.wait_for(timeout=60_000)
+    page.wait_for_timeout(3000)
+    page.screenshot(path=str(path), full_page=full_page)
+    print(f"{path}: {url}")
+
+
+def latest_artifact_id(prefect_url: str, key: str) -> str:
+    """The id of the newest Prefect artifact with `key`."""
+    query = {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}
+    request = urllib.request.Request(f"{prefect_url}/api/artifacts/filter", data=json.dumps(query).encode(),
+                                     headers={"content-type": "application/json"})
+    return json.load(urllib.request.urlopen(request))[0]["id"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--out", default="docs/mlflow-compare.png")
+    parser.add_argument("--out", default="docs", help="folder for the PNGs (default: docs)")
+    parser.add_argument("--experiment", help="MLflow experiment (default: params.yaml's mlflow.experiment)")
+    parser.add_argument("--name", help="registered model (default: params.yaml's registry.model_name)")
     args = parser.parse_args()
     chromium = shutil.which("chromium")
     if chromium is None:
         sys.exit("error: chromium not found; install Debian's package: apt-get install chromium")
-    uri = tracking_uri()
-    experiment_id, run_ids = latest_strategy_runs(MlflowClient(uri), load_config().mlflow.experiment)
+    from playwright.sync_api import sync_playwright
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", uri], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    environment.set_up()
+    config = load_config()
+    client = MlflowClient(tracking_uri(), tracking_uri())
+    experiment_id, parent, run_ids = latest_flow_run(client, args.experiment or config.mlflow.experiment)
+    model_name = args.name or config.registry.model_name
+    champion = client.get_model_version_by_alias(model_name, "champion").version
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    mlflow_port, prefect_port = free_port(), free_port()
+    mlflow_url, prefect_url = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}"
+    logs = work_dir() / "ui"
+    servers = [Server("MLflow", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri(),
+                                 "--host", "127.0.0.1", "--port", str(mlflow_port)],
+                      f"{mlflow_url}/health", logs / "screenshots-mlflow.log"),
+               prefect_server("127.0.0.1", prefect_port, logs / "screenshots-prefect.log", "--no-services")]
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    sys.exit("error: mlflow server did not start within 90 s")
-                time.sleep(1)
-        query = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment_id])})
-        page = f"http://127.0.0.1:{port}/#/compare-runs?{query}"
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as profile:
-            subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                            f"--screenshot={Path(args.out).resolve()}", page],
-                           check=True, timeout=120, capture_output=True)
+        deadline = time.monotonic() + 180
+        for server in servers:
+            server.wait_healthy(deadline)
+        runs = experiment_page(mlflow_url, experiment_id)
+        genai_off = "workflowType=machine_learning"
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport=VIEWPORT)
+            # As if closed once: MLflow 3 opens its assistant panel beside every page, over a third of the runs table.
+            page.add_init_script("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+                                 "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');")
+            shoot(page, runs, out / "mlflow-runs.png", client.get_run(run_ids[0]).info.run_name)
+            shoot(page, f"{runs}&compareRunsMode=CHART", out / "mlflow-charts.png", "Model metrics")
+            compare = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment_id]),
+                                              "workflowType": "machine_learning"})
+            shoot(page, f"{mlflow_url}/#/compare-runs?{compare}", out / "mlflow-compare.png", "Metrics",
+                  full_page=True)
+            shoot(page, f"{mlflow_url}/#/models/{model_name}?{genai_off}", out / "mlflow-model.png",
+                  "Champion history")
+            shoot(page, f"{mlflow_url}/#/models/{model_name}/versions/{champion}?{genai_off}",
+                  out / "mlflow-model-version.png", "Load it")
+            shoot(page, f"{prefect_url}/runs/flow-run/{flow_run_id}", out / "prefect-flow-run.png", "Completed")
+            artifact = latest_artifact_id(prefect_url, "strategy-comparison")
+            shoot(page, f"{prefect_url}/artifacts/artifact/{artifact}", out / "prefect-comparison.png", "accuracy")
+            browser.close()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-    print(f"compare view of {len(run_ids)} runs: {page}\nscreenshot: {args.out}")
+        for server in servers:
+            server.stop()
     return 0
 
 

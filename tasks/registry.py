@@ -1,5 +1,4 @@
 import pandas as pd
-from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from tasks.policy import tracking_task
@@ -7,7 +6,7 @@ from vitflow.config import RegistryConfig
 from vitflow.data.manifest import class_labels
 from vitflow.paths import work_dir
 from vitflow.registry import PromotionDecision, champion_rescorer, model_name_for, promote, record_decision
-from vitflow.reporting import compare_runs, table_rows
+from vitflow.reporting import artifact_rows, compare_runs
 from vitflow.tracking import RegisteredVersion, configure_mlflow, tracking_server_errors
 
 
@@ -28,13 +27,16 @@ def promote_task(parent_run_id: str, model_name: str, registry: RegistryConfig,
         client = configure_mlflow()
         decision = promote(client, model_name, candidates, registry.metric, registry.min_improvement, data_version,
                            rescore)
-        record_decision(client, parent_run_id, decision)
+        record_decision(client, parent_run_id, model_name, candidates, decision)
     return decision
 
 
-@task(name="publish-comparison")
+@tracking_task(name="publish-comparison")
 def publish_comparison_task(experiment_name: str, model_name: str, parent_run_id: str) -> None:
-    """The flow run's strategy runs as the table artifact `strategy-comparison`."""
-    frame = compare_runs(configure_mlflow(), experiment_name, model_name, parent_run_id)
-    create_table_artifact(table=table_rows(frame), key="strategy-comparison",
-                          description="Strategies compared: test metrics, training time, latency, registry version")
+    """The flow run's strategy runs as the table artifact `strategy-comparison`, headline metrics first, with a link
+    to each run in MLflow."""
+    with tracking_server_errors():
+        frame = compare_runs(configure_mlflow(), experiment_name, model_name, parent_run_id)
+    create_table_artifact(table=artifact_rows(frame), key="strategy-comparison",
+                          description="Strategies compared on the test split: headline metrics, then each run's "
+                                      "MLflow page (or artifact folder) and settings")

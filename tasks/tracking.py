@@ -1,18 +1,22 @@
 from tasks.lifecycle import mark_crashed, owner
 from tasks.policy import tracking_task
-from vitflow.config import MlflowConfig
+from vitflow.config import MlflowConfig, TrainConfig
 from vitflow.data.versioning import DataVersion
 from vitflow.evaluation import EvalResult
 from vitflow.tracking import (
     RegisteredVersion,
     TrackingStart,
     configure_mlflow,
+    finish_strategy_run,
+    log_dataset,
     log_exports,
     log_strategy_run,
+    start_strategy_run,
     start_tracking,
     tracking_server_errors,
 )
 from vitflow.training.loop import TrainResult
+from vitflow.training.strategies import resolve
 
 
 @tracking_task(name="start-tracking", log_prints=True)
@@ -26,14 +30,36 @@ def start_tracking_task(settings: MlflowConfig, params: dict, data_version: Data
     return tracking
 
 
-@tracking_task(name="log-and-register")
-def log_strategy_task(tracking: TrackingStart, train: TrainResult, evaluation: EvalResult, params: dict,
-                      manifest_csv: str, model_name: str) -> RegisteredVersion:
+@tracking_task(name="log-dataset")
+def log_dataset_task(run_id: str, manifest_csv: str, data_version: DataVersion) -> None:
     with tracking_server_errors():
-        return log_strategy_run(configure_mlflow(), tracking, train, evaluation, params, manifest_csv, model_name)
+        log_dataset(configure_mlflow(), run_id, manifest_csv, data_version)
+
+
+@tracking_task(name="start-strategy-run", task_run_name="start-run-{strategy}")
+def start_strategy_task(tracking: TrackingStart, strategy: str, train: TrainConfig, params: dict,
+                        manifest_csv: str, data_version: DataVersion) -> str:
+    """The strategy's nested run, before it trains; returns its id."""
+    with tracking_server_errors():
+        return start_strategy_run(configure_mlflow(), tracking, strategy, resolve(train, strategy).as_dict(), params,
+                                  manifest_csv, data_version)
+
+
+@tracking_task(name="log-and-register", task_run_name="log-and-register-{train.strategy}")
+def log_strategy_task(tracking: TrackingStart, run_id: str, train: TrainResult, evaluation: EvalResult,
+                      manifest_csv: str, cache_dir: str, model_name: str) -> RegisteredVersion:
+    with tracking_server_errors():
+        return log_strategy_run(configure_mlflow(), tracking, run_id, train, evaluation, manifest_csv, cache_dir,
+                                model_name)
 
 
 @tracking_task(name="log-exports")
-def log_exports_task(run_id: str, records: list[dict]) -> None:
+def log_exports_task(run_id: str, records: list[dict], cache_dir: str) -> None:
     with tracking_server_errors():
-        log_exports(configure_mlflow(), run_id, records)
+        log_exports(configure_mlflow(), run_id, records, cache_dir)
+
+
+@tracking_task(name="finish-strategy-run", task_run_name="finish-run-{version.strategy}")
+def finish_strategy_task(version: RegisteredVersion, model_name: str) -> None:
+    with tracking_server_errors():
+        finish_strategy_run(configure_mlflow(), version.run_id, model_name, version.version)

@@ -2,11 +2,16 @@
 a tiny transformers ViT and a slice of real chest X-rays."""
 
 import json
+from pathlib import Path
 
 import pytest
+from mlflow.models import get_model_info
 from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
 from flows.retrain import retrain
+from vitflow.cards import HEADLINE_METRICS
 from vitflow.cli import main
 from vitflow.loading import resolve_runner
 from vitflow.serving import load_logged_model
@@ -24,8 +29,9 @@ def base_overrides(pneumonia_folder, tiny_hf_model):
             "mlflow.experiment=e2e"]
 
 
-def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumonia_folder, capsys):
+def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumonia_folder, capsys, monkeypatch):
     client = MlflowClient(tracking_uri(), tracking_uri())
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the tiny model's branches take seconds
 
     first = retrain(overrides=base_overrides)
 
@@ -37,10 +43,18 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumon
     children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {run.data.tags["strategy"] for run in children} == STRATEGIES
     for run in children:
-        assert {"test_accuracy", "test_macro_f1", "latency_ms_per_image", "trainable_params",
-                "total_params"} <= set(run.data.metrics)
+        assert {"accuracy", "macro_f1", "best_epoch", "fit_seconds", "latency_ms", "model/trainable_params",
+                "model/total_params"} <= set(run.data.metrics)
         epochs = 20 if run.data.tags["strategy"] == "feature_extraction" else 6
-        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == epochs
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == epochs
+        assert len(client.get_metric_history(run.info.run_id, "val/accuracy")) == epochs
+        assert run.info.status == "FINISHED" and run.data.tags["training"] == "trained"
+        assert "system/cpu_utilization_percentage" in run.data.metrics
+        own = [name for name in sorted(run.data.metrics) if not name.startswith("explain_")]  # tasks/explain.py's
+        assert own[:len(HEADLINE_METRICS)] == sorted(HEADLINE_METRICS)
+        assert run.inputs.dataset_inputs[0].dataset.digest == first["data_version"].removeprefix("content-")
+        note = run.data.tags["mlflow.note.content"]
+        assert note.startswith(f"{run.data.tags['strategy']} fine-tune of tiny-hf-vit") and "registered as" in note
         artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
         assert {"confusion_matrix.csv", "confusion_matrix.png", "learning_curve.png",
                 "classification_report.csv", f"{first['data_version'].removeprefix('content-')[:8]}.csv"} <= artifacts
@@ -48,9 +62,9 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumon
         assert [item.path for item in client.list_artifacts(run.info.run_id, "rollout")] == [
             "rollout/attention_rollout.png"]
         for precision in ("fp16", "bf16", "int8"):
-            assert 0.9 <= run.data.metrics[f"{precision}_top1_agreement"] <= 1.0
+            assert 0.9 <= run.data.metrics[f"precision/{precision}_top1_agreement"] <= 1.0
         for precision in ("fp16", "bf16"):  # int8 ONNX only pays off on real-sized models (tests/test_export.py)
-            assert run.data.metrics[f"{precision}_size_ratio_vs_fp32"] == pytest.approx(0.5, abs=0.05)
+            assert run.data.metrics[f"precision/{precision}_size_ratio_vs_fp32"] == pytest.approx(0.5, abs=0.05)
 
     versions = client.search_model_versions(f"name='{MODEL_NAME}'")
     assert len(versions) == 3
@@ -61,6 +75,48 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumon
     assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == best.version
     assert client.get_model_version(MODEL_NAME, best.version).tags["decision"] == "promoted to champion"
     assert best.metrics["test_accuracy"] > 0.6  # the tiny model learns something real
+
+    # The parent run sums the flow run up, so the runs list is useful without expanding it.
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["accuracy"] == pytest.approx(best.metrics["test_accuracy"])
+    assert {f"{item.strategy}_accuracy": item.metrics["test_accuracy"] for item in first["registered"]} == {
+        name: value for name, value in parent.data.metrics.items() if name.endswith("_accuracy")}
+    assert parent.data.metrics["champion_version"] == int(best.version)
+    assert parent.data.tags["promotion"].startswith(f"v{best.version} promoted: no champion yet")
+    assert parent.data.tags["mlflow.note.content"].startswith(f"**{MODEL_NAME} v{best.version} promoted")
+    assert parent.data.tags["mlflow.source.name"].endswith("flows/retrain.py") and parent.data.tags["mlflow.user"]
+    assert "champion_history.md" in {item.path for item in client.list_artifacts(parent.info.run_id)}
+    assert parent.inputs.dataset_inputs[0].dataset.digest == first["data_version"].removeprefix("content-")
+    experiment = client.get_experiment(experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.vitflow"])  # what `vitflow ui`'s link opens
+    assert view["selectedColumns"][:3] == ["metrics.`accuracy`", "metrics.`macro_f1`", "metrics.`full_accuracy`"]
+
+    # Each version's description is a model card; its tags are few; its model has an input example.
+    uri = f"models:/{MODEL_NAME}/{best.version}"
+    version = client.get_model_version(MODEL_NAME, best.version)
+    for fragment in (f"{best.strategy} fine-tune", f"`{first['data_version'].removeprefix('content-')[:8]}`",
+                     "accuracy |", "**Decision**: promoted to champion: no champion yet",
+                     f'mlflow.pyfunc.load_model("{uri}")', f"vitflow predict image.jpg --model {uri}"):
+        assert fragment in version.description, fragment
+    assert set(version.tags) == {"strategy", "data_version", "model_source", "labels", "image_size", "training_key",
+                                 "test_accuracy", "test_macro_f1", "decision", "decision_reason", "promoted_by",
+                                 "promoted_at", "promotion_reason", "previous_champion"}
+    assert get_model_info(uri).saved_input_example_info["type"] == "dataframe"
+
+    # Prefect: task runs named by strategy; the comparison artifact puts the headline metrics first.
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        [artifact] = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["strategy-comparison"])), flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    names = {run.name for run in runs}
+    for strategy in STRATEGIES:
+        assert {f"{step}-{strategy}" for step in ("strategy", "start-run", "fine-tune", "evaluate", "log-and-register",
+                                                  "export", "log-exports", "finish-run")} <= names
+    rows = json.loads(artifact.data)
+    assert list(rows[0])[:5] == ["strategy", "version", "champion", "accuracy", "macro_f1"]
+    assert all(Path(row["mlflow"]).is_dir() for row in rows)  # a local store: each run's artifact folder
 
     champion = load_logged_model(f"models:/{MODEL_NAME}@champion")
     assert champion.labels == ["normal", "pneumonia"]

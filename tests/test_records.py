@@ -129,6 +129,31 @@ def test_a_failed_flow_run_ends_its_runs_as_failed_with_the_reason(tmp_path):
     assert client.get_run(finished).info.status == "FINISHED"
 
 
+def test_a_strategy_run_that_fails_while_training_ends_failed_with_what_it_logged(pneumonia_folder, tiny_hf_model,
+                                                                                   monkeypatch):
+    """The strategy's run exists before its training, so a training that fails leaves a run to end, as FAILED."""
+    import tasks.train
+    from flows.retrain import retrain
+
+    def fails_after_two_steps(*args, observer, **kwargs):
+        observer.step(1, {"train_loss": 0.69, "lr_head": 1e-3})
+        observer.step(2, {"train_loss": 0.68, "lr_head": 1e-3})
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(tasks.train, "train_or_reuse", fails_after_two_steps)
+    name = "fails-in-training"
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        retrain(overrides=[f"data.path={pneumonia_folder}", f"model.source={tiny_hf_model}",
+                           "preprocess.image_size=null", "train.strategies=[full]", "export.precisions=[]",
+                           f"registry.model_name={name}", f"mlflow.experiment={name}"])
+
+    client = MlflowClient(tracking_uri(), tracking_uri())
+    [run] = client.search_runs([client.get_experiment_by_name(name).experiment_id], "tags.strategy = 'full'")
+    assert run.info.status == "FAILED" and "CUDA out of memory" in run.data.tags["end_reason"]
+    assert [metric.value for metric in client.get_metric_history(run.info.run_id, "step/train_loss")] == [0.69, 0.68]
+    assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+
+
 # --------------------------------------------------------------------------- caches that cannot poison
 
 

@@ -7,6 +7,7 @@ import json
 import re
 import uuid
 from datetime import datetime
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -27,14 +28,14 @@ from vitflow.registry import (
     read_history,
     rollback,
 )
-from vitflow.reporting import compare_runs, plot_accuracy_vs_time, render, table_rows
-from vitflow.tracking import tracking_uri
+from vitflow.reporting import artifact_rows, compare_runs, plot_accuracy_vs_time, render, table_rows
+from vitflow.tracking import run_location, tracking_uri
 
 DATA_A = "content-" + "a1" * 16
 DATA_B = "b2" * 16 + ".dir"
-COMPARE_COLUMNS = ["run_name", "model", "strategy", "data_version", "epochs", "lr_backbone", "lr_head", "batch_size",
-                   "test_accuracy", "test_macro_f1", "train_seconds", "latency_ms_per_image",
-                   "trainable_params", "duration_s", "version", "champion", "run_id"]
+COMPARE_COLUMNS = ["strategy", "version", "champion", "accuracy", "macro_f1", "best_epoch", "fit_seconds", "latency_ms",
+                   "trainable_params", "model", "data_version", "epochs", "lr_backbone", "lr_head", "batch_size",
+                   "duration_s", "run_name", "run_id", "location"]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,8 @@ def build_registry(client: MlflowClient, tmp_path, versions: list[tuple[str, str
             "model_source": "/models/tiny-vit/"}).info.run_id
         params = {"train.epochs": 3, "train.lr_backbone": 2e-5, "train.lr_head": 1e-3, "train.batch_size": 16,
                   "strategy": strategy}
-        metrics = {"test_accuracy": accuracy, "test_macro_f1": accuracy - 0.05, "train_seconds": 10.0 * (index + 1),
-                   "latency_ms_per_image": 2.5, "trainable_params": 1000 * (index + 1)}
+        metrics = {"accuracy": accuracy, "macro_f1": accuracy - 0.05, "best_epoch": 2,
+                   "fit_seconds": 10.0 * (index + 1), "latency_ms": 2.5, "model/trainable_params": 1000 * (index + 1)}
         client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()],
                          metrics=[Metric(key, value, 0, 0) for key, value in metrics.items()])
         client.set_terminated(run_id)
@@ -112,6 +113,23 @@ def test_promote_moves_champion_and_records_who_when_why(client, tmp_path):
     assert client.get_model_version(name, "1").tags["previous_champion"] == "none"
     with pytest.raises(VitflowError, match="v2 is already the champion"):
         promote_version(client, name, "2", "again", "bob")
+
+
+def test_champion_moves_show_as_a_table_and_in_the_model_card(client, tmp_path):
+    name = build_registry(client, tmp_path, [("full", DATA_A, 0.8), ("partial", DATA_A, 0.9)])["name"]
+    client.update_registered_model(name, "Ants or bees, for the hive cameras.")
+
+    promote_version(client, name, "1", "first one", "alice")
+    promote_version(client, name, "2", "better | faster", "bob")
+
+    description = client.get_registered_model(name).description
+    own, table = description.split("### Champion history")
+    assert own.strip() == "Ants or bees, for the hive cameras."  # the owner's text stays above the table
+    rows = [line for line in table.strip().splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 2 and "v2" in rows[2] and "bob" in rows[2] and "v1" in rows[3]  # newest first
+    assert "better \\| faster" in rows[2]
+    card = client.get_model_version(name, "2").description
+    assert "Promoted** by bob" in card and 'mlflow.pyfunc.load_model("models:/' + name + '/2")' in card
 
 
 def test_promote_refuses_another_data_version_unless_forced(client, tmp_path):
@@ -224,8 +242,9 @@ def test_compare_runs_has_a_row_per_strategy_run_and_marks_the_champion(client, 
     assert frame["data_version"].unique().tolist() == ["a1a1a1a1"]
     assert frame[["epochs", "batch_size"]].iloc[0].tolist() == [3, 16]
     assert frame["lr_backbone"].iloc[0] == pytest.approx(2e-5)
-    assert frame["test_accuracy"].tolist() == pytest.approx([0.8, 0.9, 0.5])
+    assert frame["accuracy"].tolist() == pytest.approx([0.8, 0.9, 0.5])
     assert frame["trainable_params"].tolist() == [1000, 2000, 3000]
+    assert all(Path(location).is_absolute() for location in frame["location"])  # a local store: artifact folders
     assert (frame["duration_s"] >= 0).all()
     assert len(compare_runs(client, name, name, parent_run_id="no-such-run")) == 0
     with pytest.raises(VitflowError, match="experiment 'no-such-experiment' not found"):
@@ -241,9 +260,9 @@ def test_the_comparison_renders_in_every_format_and_as_a_plot(client, tmp_path):
     assert all(run_name in table for run_name in frame["run_name"])
     parsed = pd.read_csv(io.StringIO(render(frame, "csv")))
     assert list(parsed.columns) == COMPARE_COLUMNS
-    assert parsed["test_accuracy"].tolist() == pytest.approx([0.8, 0.9, 0.5])
+    assert parsed["accuracy"].tolist() == pytest.approx([0.8, 0.9, 0.5])
     markdown = render(frame, "md").splitlines()
-    assert markdown[0].startswith("| run_name") and re.fullmatch(r"\|[-:|]+\|", markdown[1])
+    assert markdown[0].startswith("| strategy") and re.fullmatch(r"\|[-:|]+\|", markdown[1])
     assert len(markdown) == 2 + len(frame)
     assert "<table" in render(frame, "html")
     with pytest.raises(VitflowError, match="expected one of table, csv, md, html"):
@@ -260,6 +279,24 @@ def test_the_comparison_rows_are_plain_json(client, tmp_path):
 
     assert json.loads(json.dumps(rows, allow_nan=False)) == rows  # no NaN, no numpy types
     assert [row["version"] for row in rows] == [1, None] and rows[0]["champion"] is False
+
+
+def test_the_comparison_artifact_shows_headline_metrics_then_a_link_to_each_run(client, tmp_path, monkeypatch):
+    name = build_registry(client, tmp_path, [("full", DATA_A, 0.8)])["name"]
+    frame = compare_runs(client, name, name)
+
+    [row] = artifact_rows(frame)
+    assert list(row)[:9] == ["strategy", "version", "champion", "accuracy", "macro_f1", "best_epoch", "fit_seconds",
+                             "latency_ms", "trainable_params"]
+    assert list(row)[9] == "mlflow" and row["mlflow"] == frame["location"][0]  # a local store: a plain path
+    assert not row["mlflow"].startswith("file:") and "location" not in row
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000/")
+    run = client.get_run(frame["run_id"][0])
+    page = f"http://mlflow.example:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert run_location(run) == page
+    [row] = artifact_rows(frame.assign(location=[page]))
+    assert row["mlflow"] == f"[{run.info.run_name}]({page})"  # Prefect renders a table's text cells as Markdown
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:

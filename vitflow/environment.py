@@ -26,6 +26,7 @@ def set_up() -> None:
         "PREFECT_HOME": str(work_dir() / "prefect"),
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also transformers' bars while loading and saving weights
     }.items():
         os.environ.setdefault(name, value)
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
@@ -33,8 +34,14 @@ def set_up() -> None:
 
 
 def quiet_third_party_noise() -> None:
-    """MLflow's notes that a user of vitflow cannot act on, printed several times per logged model: how it
-    found the uv project, that pip's version is unknown, that no input example was given."""
+    """MLflow's notes that a user of vitflow cannot act on, several per run or logged model: how it found the uv
+    project, that pip's version is unknown, that no input example was given, that it validates one, that it creates
+    its tables, starts and stops sampling system metrics and has no GPU to sample, how it reads a dataset's source
+    and schema."""
     for name in ("mlflow.utils.uv_utils", "mlflow.utils.environment"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+    for name in ("mlflow.pyfunc", "mlflow.store.db.utils", "mlflow.system_metrics"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (".*An input example was not provided", "The specified dataset source can be interpreted",
+                    "Hint: Inferred schema contains integer column"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)

@@ -6,7 +6,8 @@ yet, or when it beats the champion on the test split of the same data version by
 
 In: an `MlflowClient` (see `vitflow.tracking.configure_mlflow`) and a registered model name.
 Out: a table of versions, and champion moves recorded in the registered-model tag `champion_history`
-(a JSON list, newest last) and in tags on the version that took the alias.
+(a JSON list, newest last), as a table in the registered model's description, and in tags on the version that
+took the alias. Each version's description is its model card, rewritten when a decision about it is recorded.
 
 Each history entry: id, version, previous (the champion it replaced), restores (where a rollback
 from it goes), action (promote | rollback), actor, at (UTC ISO), reason.
@@ -28,13 +29,15 @@ import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
+from vitflow.cards import flow_run_note, history_table
 from vitflow.config import RegistryConfig
 from vitflow.data.cache import load_split
 from vitflow.data.versioning import short_hash
 from vitflow.errors import VitflowError
 from vitflow.evaluation import evaluate_model
-from vitflow.tracking import RegisteredVersion
+from vitflow.tracking import RegisteredVersion, log_values, refresh_model_card
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -43,6 +46,7 @@ HISTORY_TAG = "champion_history"
 # stores keep them in a VARCHAR(5000) column (only SQLite ignores the length): stay under that.
 HISTORY_MAX_CHARS = 5000
 HISTORY_REASON_CHARS = 200  # the full reason goes on the version's `promotion_reason` tag
+HISTORY_HEADING = "### Champion history"  # in the registered model's description; text above it is kept
 
 
 def registered_model(client: MlflowClient, model_name: str):
@@ -126,13 +130,16 @@ def _history_of(model) -> list[dict]:
 
 
 def write_history(client: MlflowClient, model_name: str, history: list[dict]) -> None:
-    """Store `history`, dropping the oldest entries until it fits in HISTORY_MAX_CHARS."""
+    """Store `history`, dropping the oldest entries until it fits in HISTORY_MAX_CHARS, and show it as a table
+    in the registered model's description."""
     kept = list(history)
     text = json.dumps(kept, separators=(",", ":"))
     while len(text) > HISTORY_MAX_CHARS and len(kept) > 1:
         kept.pop(0)
         text = json.dumps(kept, separators=(",", ":"))
     client.set_registered_model_tag(model_name, HISTORY_TAG, text)
+    own = (client.get_registered_model(model_name).description or "").split(HISTORY_HEADING)[0].rstrip()
+    client.update_registered_model(model_name, f"{own}\n\n{HISTORY_HEADING}\n\n{history_table(kept)}".lstrip())
 
 
 def history_entry(version: str, previous: str | None, restores: str | None, action: str, actor: str,
@@ -171,6 +178,7 @@ def tag_promoted_version(client: MlflowClient, model_name: str, entry: dict, rea
             "previous_champion": entry["previous"] or "none"}
     for key, value in tags.items():
         client.set_model_version_tag(model_name, entry["version"], key, value)
+    refresh_model_card(client, model_name, entry["version"])
 
 
 def promote_version(client: MlflowClient, model_name: str, version: str | int, reason: str, actor: str,
@@ -344,6 +352,7 @@ def promote(client: MlflowClient, model_name: str, candidates: list[RegisteredVe
             decision, why = "not selected", f"{key} {candidate.metrics[key]:.4f} below the best new version"
         client.set_model_version_tag(model_name, candidate.version, "decision", decision)
         client.set_model_version_tag(model_name, candidate.version, "decision_reason", why)
+        refresh_model_card(client, model_name, candidate.version)
     return PromotionDecision(challenger=best.version, champion_before=current.version if current else None,
                              promoted=promoted, reason=reason)
 
@@ -361,10 +370,27 @@ def champion_rescorer(model_name: str, metric: str, cache_dir: str, batch_size: 
     return score
 
 
-def record_decision(client: MlflowClient, parent_run_id: str, decision: PromotionDecision) -> None:
-    """Note the decision on the flow run's parent run and end it as finished."""
+def record_decision(client: MlflowClient, parent_run_id: str, model_name: str, candidates: list[RegisteredVersion],
+                    decision: PromotionDecision) -> None:
+    """Sum up the flow run on its parent run and end it as finished: the challenger's test accuracy and macro-F1,
+    each strategy's accuracy (`<strategy>_accuracy`) and the champion's version as metrics; the decision as the
+    `promotion` tag and in its description, with a row per strategy; the champion history as a table artifact."""
     outcome = "promoted" if decision.promoted else "not promoted"
-    client.set_tag(parent_run_id, "promotion", f"v{decision.challenger} {outcome}: {decision.reason}")
+    promotion = f"v{decision.challenger} {outcome}: {decision.reason}"
+    challenger = next(item for item in candidates if str(item.version) == str(decision.challenger))
+    champion = champion_number(client, model_name)
+    metrics = {"accuracy": challenger.metrics["test_accuracy"], "macro_f1": challenger.metrics["test_macro_f1"],
+               **{f"{item.strategy}_accuracy": item.metrics["test_accuracy"] for item in candidates},
+               **({"champion_version": int(champion)} if champion else {})}
+    log_values(client, parent_run_id, metrics=metrics)
+    rows = [{"strategy": item.strategy, "version": f"{model_name} v{item.version}",
+             "accuracy": item.metrics["test_accuracy"], "macro_f1": item.metrics["test_macro_f1"],
+             "fit_seconds": item.metrics["train_seconds"]} for item in candidates]
+    client.set_tag(parent_run_id, "promotion", promotion)
+    summary = f"**{model_name} {promotion}**; champion: {f'v{champion}' if champion else 'none'}."
+    client.set_tag(parent_run_id, MLFLOW_RUN_NOTE, flow_run_note(summary, rows))
+    history = history_table(read_history(client, model_name))
+    client.log_text(parent_run_id, f"# {model_name}: champion history\n\n{history}\n", "champion_history.md")
     client.set_terminated(parent_run_id)
 
 

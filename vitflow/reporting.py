@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from vitflow.cards import HEADLINE_METRICS
 from vitflow.data.versioning import short_hash
 from vitflow.errors import VitflowError
 
@@ -16,15 +17,19 @@ if TYPE_CHECKING:
 
 FORMATS = ("table", "csv", "md", "html")
 RUN_PARAMS = ("epochs", "lr_backbone", "lr_head", "batch_size")  # under `train.`
-RUN_METRICS = ("test_accuracy", "test_macro_f1", "train_seconds", "latency_ms_per_image", "trainable_params")
+# The comparison's metric columns, and the logged metric each shows.
+RUN_METRICS = {**{name: name for name in HEADLINE_METRICS}, "trainable_params": "model/trainable_params"}
 MARKERS = "osD^v<>pPX"  # one per strategy in the plot, with a colour each
 
 
 def compare_runs(client: MlflowClient, experiment_name: str, model_name: str,
                  parent_run_id: str | None = None) -> pd.DataFrame:
     """One row per strategy run (nested run) of the experiment, oldest first, or of one flow run when
-    `parent_run_id` is given: run_name, model, strategy, data_version, key train params, test metrics,
-    train time, latency, trainable params, duration_s, version (registered, when any), champion, run_id."""
+    `parent_run_id` is given: strategy, version (registered, when any), champion, the headline metrics and trainable
+    params first, then model, data_version, key train params, duration_s, run_name, run_id and location (the run's
+    page on a tracking server, or its artifact folder)."""
+    from vitflow.tracking import run_location  # MLflow and torch: not for every command that imports this module
+
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise VitflowError(f"experiment {experiment_name!r} not found; run `vitflow run` first or pass --experiment")
@@ -38,17 +43,17 @@ def compare_runs(client: MlflowClient, experiment_name: str, model_name: str,
             continue
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         version = version_by_run.get(run.info.run_id) or _number(tags.get("model_version"))
-        rows.append({"run_name": run.info.run_name,
+        rows.append({"strategy": tags.get("strategy", ""), "version": version,
+                     "champion": version is not None and str(version) == champion,
+                     **{column: metrics.get(name) for column, name in RUN_METRICS.items()},
                      "model": Path(tags.get("model_source", "").rstrip("/")).name,
-                     "strategy": tags.get("strategy", ""),
                      "data_version": short_hash(tags.get("data_version")),
                      **{name: _number(params.get(f"train.{name}")) for name in RUN_PARAMS},
-                     **{name: metrics.get(name) for name in RUN_METRICS},
                      "duration_s": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
-                     "version": version, "champion": version is not None and str(version) == champion,
-                     "run_id": run.info.run_id, "start_time": run.info.start_time})
-    columns = ["run_name", "model", "strategy", "data_version", *RUN_PARAMS, *RUN_METRICS, "duration_s", "version",
-               "champion", "run_id"]
+                     "run_name": run.info.run_name, "run_id": run.info.run_id, "location": run_location(run),
+                     "start_time": run.info.start_time})
+    columns = ["strategy", "version", "champion", *RUN_METRICS, "model", "data_version", *RUN_PARAMS, "duration_s",
+               "run_name", "run_id", "location"]
     frame = pd.DataFrame(rows, columns=[*columns, "start_time"]).sort_values("start_time", ignore_index=True)
     frame["version"] = frame["version"].astype("Int64")
     for name in (*RUN_METRICS, "duration_s"):
@@ -100,13 +105,13 @@ def plot_accuracy_vs_time(frame: pd.DataFrame, path: Path | str) -> Path:
     FigureCanvasAgg(fig)
     axes = fig.add_subplot()
     for index, (strategy, runs) in enumerate(frame.groupby("strategy", sort=True)):
-        axes.scatter(runs["train_seconds"], runs["test_accuracy"], color=f"C{index % 10}",
+        axes.scatter(runs["fit_seconds"], runs["accuracy"], color=f"C{index % 10}",
                      marker=MARKERS[index % len(MARKERS)], s=60, label=strategy)
         for _, run in runs.iterrows():
             label = f"v{run['version']}" if pd.notna(run["version"]) else run["run_name"]
             if run["champion"]:
                 label += " (champion)"
-            axes.annotate(label, (run["train_seconds"], run["test_accuracy"]), xytext=(5, 4),
+            axes.annotate(label, (run["fit_seconds"], run["accuracy"]), xytext=(5, 4),
                           textcoords="offset points", fontsize=8)
     axes.set_xlabel("training time (s)")
     axes.set_ylabel("test accuracy")
@@ -122,3 +127,15 @@ def plot_accuracy_vs_time(frame: pd.DataFrame, path: Path | str) -> Path:
 def table_rows(frame: pd.DataFrame) -> list[dict]:
     """`frame` as JSON-ready rows: NaN and missing become null, numpy numbers plain ones."""
     return json.loads(frame.to_json(orient="records", date_format="iso"))
+
+
+def artifact_rows(frame: pd.DataFrame) -> list[dict]:
+    """`compare_runs` rows for a Prefect table artifact (which renders text cells as Markdown): the headline columns,
+    then `mlflow`, a link to the run's page (or, with a local store, its artifact folder), then the rest."""
+    rows = []
+    for row in table_rows(frame):
+        location = row.pop("location")
+        link = f"[{row['run_name']}]({location})" if location.startswith(("http://", "https://")) else location
+        headline = {key: row.pop(key) for key in ("strategy", "version", "champion", *RUN_METRICS)}
+        rows.append({**headline, "mlflow": link, **row})
+    return rows

@@ -2,28 +2,53 @@
 
 By default MLflow writes to a SQLite store under `mlruns/` (artifacts beside it), so no server is
 needed; set `MLFLOW_TRACKING_URI` to use a tracking server instead. One parent run per flow run, one
-nested run per strategy; each strategy's model is logged as a pyfunc model and registered as a version.
+nested run per strategy, created before its training: its loss, learning rates and validation scores
+(`LiveMetrics`) and the machine's load (`system_metrics`) show while it trains. Each strategy's model is
+logged as a pyfunc model and registered as a version whose description is a model card.
+
+Metric names: a strategy run's headline metrics (`HEADLINE_METRICS`) have no prefix and sort first, as
+MLflow's compare view sorts names by character code; every other name has a prefix that sorts after them:
+`model/`, `precision/` (the exports against FP32), `step/` (per optimizer update), `system/`, `test/`,
+and `train/`, `val/` (per epoch).
 A connection failure to the tracking server becomes `TrackingServerUnreachable`, one line long.
 """
 
 from __future__ import annotations
 
+import getpass
 import importlib.metadata
+import io
 import json
+import logging
 import os
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import requests
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.file_utils import local_file_uri_to_path
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NOTE,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 
 from vitflow import locks
+from vitflow.cards import HEADLINE_METRICS, model_card, strategy_run_note
 from vitflow.config import MlflowConfig
+from vitflow.data.cache import load_split
 from vitflow.data.versioning import DataVersion, git_state
 from vitflow.errors import ServiceUnreachable
 from vitflow.evaluation import EvalResult
@@ -31,10 +56,14 @@ from vitflow.identity import run_fingerprint
 from vitflow.models.base import read_sidecar
 from vitflow.paths import MLRUNS_DIR, PROJECT_ROOT, work_dir
 from vitflow.serving import SIGNATURE
+from vitflow.training.engine import TrainingObserver
 from vitflow.training.loop import TrainResult
 
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "transformers", "safetensors", "pillow", "numpy", "pandas",
                     "onnxruntime")
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # a classic ML experiment, not GenAI
+RUNS_VIEW = "vitflow"  # the name of the runs list's shared view in the MLflow UI (`share_runs_view`)
+log = logging.getLogger(__name__)
 
 
 class TrackingServerUnreachable(ServiceUnreachable):
@@ -51,6 +80,42 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+def server_url() -> str | None:
+    """The tracking server's address when runs go to one (http or https), else None."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+
+def experiment_page(ui_url: str, experiment_id: str) -> str:
+    """The experiment's runs in the MLflow UI at `ui_url` as `share_runs_view` saved them, in the UI's model-training
+    view (it opens on GenAI)."""
+    return (f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW}"
+            "&workflowType=machine_learning")
+
+
+def share_runs_view(client: MlflowClient, experiment_id: str, strategies: list[str]) -> None:
+    """Save how `experiment_page` shows the runs (by default the UI shows no metric): newest first; as the first
+    columns, a flow run's summary (its best accuracy and macro-F1, each strategy's accuracy, the champion's version)
+    and, for its strategy runs, unfolded, the other headline metrics; then dataset and source.
+
+    This is the UI's own record of a shared view, the experiment tag its Share button writes; it cannot unfold runs.
+    """
+    metrics = ["accuracy", "macro_f1", *(f"{strategy}_accuracy" for strategy in strategies), "champion_version",
+               *(name for name in HEADLINE_METRICS if name not in ("accuracy", "macro_f1"))]
+    columns = [*(f"metrics.`{name}`" for name in metrics), "attributes.`Dataset`", "attributes.`Source`"]
+    view = {"orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": columns,
+            "columnOrder": columns}
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{RUNS_VIEW}", json.dumps(view))
+
+
+def run_location(run) -> str:
+    """Where to open MLflow run `run`: its page on the tracking server, or, with a local store, its artifact folder."""
+    if url := server_url():
+        return f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    uri = run.info.artifact_uri
+    return local_file_uri_to_path(uri) if uri.startswith("file:") else uri
+
+
 def configure_mlflow() -> MlflowClient:
     """Point MLflow's tracking and registry at `tracking_uri()` and return a client for it."""
     uri = tracking_uri()
@@ -62,13 +127,17 @@ def configure_mlflow() -> MlflowClient:
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created on first use (with a SQLite store, artifacts go beside the database)."""
+    """The id of experiment `name`, created on first use as a classic ML experiment (with a SQLite store, artifacts
+    go beside the database); one without a kind is given it, so the UI does not ask."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    database = sqlite_file(tracking_uri())
-    location = (database.resolve().parent / "artifacts").as_uri() if database else None
-    return client.create_experiment(name, artifact_location=location)
+    if experiment is None:
+        database = sqlite_file(tracking_uri())
+        location = (database.resolve().parent / "artifacts").as_uri() if database else None
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def _is_connection_failure(error: BaseException | None) -> bool:
@@ -100,7 +169,7 @@ class RegisteredVersion:
     strategy: str
     run_id: str
     version: int | str  # as the MLflow store returns it (an int from SQL stores)
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # vitflow's names (test_accuracy, train_seconds, ...), not the logged ones
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, str]:
@@ -114,19 +183,134 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def log_values(client: MlflowClient, run_id: str, params: dict[str, str] | None = None,
-               metrics: dict[str, float] | None = None, history: list[dict] | None = None) -> None:
-    """Log params, metrics and per-epoch `history` rows ({"epoch", name: value, ...}) in as few calls as
-    MLflow's batch limits allow."""
-    from mlflow.entities import Metric, Param
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
-    now = int(time.time() * 1000)
+
+def log_values(client: MlflowClient, run_id: str, params: dict[str, str] | None = None,
+               metrics: dict[str, float] | None = None) -> None:
+    """Log params and metrics in as few calls as MLflow's batch limits allow."""
+    now = _now_ms()
     entries = [Metric(key, float(value), now, 0) for key, value in (metrics or {}).items()]
-    entries += [Metric(key, float(value), now, row["epoch"]) for row in history or []
-                for key, value in row.items() if key != "epoch"]
     params_list = [Param(key, value) for key, value in (params or {}).items()]
     for start in range(0, max(len(entries), len(params_list)), 100):
         client.log_batch(run_id, metrics=entries[start:start + 100], params=params_list[start:start + 100])
+
+
+def run_metrics(evaluation: EvalResult, train: TrainResult) -> dict[str, float]:
+    """A strategy run's final metrics under their logged names: the headline ones, then `test/` per class,
+    `model/` sizes and `train/` throughput."""
+    scores = evaluation.metrics
+    per_class = {f"test/{key.removeprefix('test_')}": value for key, value in scores.items()
+                 if key.startswith("test_") and key not in ("test_accuracy", "test_macro_f1")}
+    return {"accuracy": scores["test_accuracy"], "macro_f1": scores["test_macro_f1"], "best_epoch": train.best_epoch,
+            "fit_seconds": train.train_seconds, "latency_ms": scores["latency_ms_per_image"], **per_class,
+            "model/trainable_params": train.trainable_params, "model/total_params": train.total_params,
+            "train/images_per_second": train.images_per_second, "train/peak_rss_mb": train.peak_rss_mb}
+
+
+def epoch_metrics(row: dict) -> dict[str, float]:
+    """An epoch's history row under its logged names: train_loss -> train/loss, val_accuracy -> val/accuracy."""
+    return {key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else f"train/{key}": value
+            for key, value in row.items() if key != "epoch"}
+
+
+class LiveMetrics(TrainingObserver):
+    """Logs a training to its run as it happens: each optimizer step's loss and learning rates (`step/`, at the
+    update's number) and each epoch's train and val scores (`train/`, `val/`, at the epoch's number).
+
+    Steps are sent together, at most every `every_seconds` and at each epoch's end, so logging stays cheap. When the
+    tracking server cannot be reached, live logging stops and the training goes on; `finish` sends the rest.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, every_seconds: float = 5.0):
+        self.client, self.run_id, self.every_seconds = client, run_id, every_seconds
+        self.pending: list[Metric] = []
+        self.epochs_seen: set[int] = set()
+        self.sent_at = time.monotonic()
+        self.live = True
+
+    def step(self, step: int, values: dict[str, float]) -> None:
+        now = _now_ms()
+        self.pending += [Metric(f"step/{key}", float(value), now, step) for key, value in values.items()]
+        if time.monotonic() - self.sent_at >= self.every_seconds:
+            self._send_live()
+
+    def epoch(self, row: dict) -> None:
+        self.epochs_seen.add(row["epoch"])
+        self._add_epoch(row)
+        self._send_live()
+
+    def finish(self, history: list[dict]) -> None:
+        """Add the epochs of the finished training's `history` not seen here (all of a reused training, the first
+        ones of a resumed one), tag the run with how it came about (`training`: trained, resumed or reused), and
+        send what is pending."""
+        missed = [row for row in history if row["epoch"] not in self.epochs_seen]
+        for row in missed:
+            self._add_epoch(row)
+        self.client.set_tag(self.run_id, "training",
+                            "reused" if not self.epochs_seen else "resumed" if missed else "trained")
+        self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            sent = self.pending[:100]
+            self.client.log_batch(self.run_id, metrics=sent)
+            del self.pending[:len(sent)]
+
+    def _add_epoch(self, row: dict) -> None:
+        now = _now_ms()
+        self.pending += [Metric(key, float(value), now, row["epoch"]) for key, value in epoch_metrics(row).items()]
+
+    def _send_live(self) -> None:
+        self.sent_at = time.monotonic()
+        if not self.live:
+            return
+        try:
+            self.flush()
+        except Exception as error:  # the training matters more than watching it
+            self.live = False
+            log.warning("live logging to MLflow run %s stopped (%s); the rest is logged when the training ends",
+                        self.run_id, (str(error) or type(error).__name__).splitlines()[0])
+
+
+@contextmanager
+def live_training(client: MlflowClient, run_id: str) -> Iterator[LiveMetrics]:
+    """A `LiveMetrics` for run `run_id`. When the training fails, what it measured until then is sent, quietly:
+    the failure is what to report."""
+    observer = LiveMetrics(client, run_id)
+    try:
+        yield observer
+    except BaseException:
+        with suppress(Exception):
+            observer.flush()
+        raise
+
+
+@contextmanager
+def system_metrics(run_id: str, every_seconds: float = 5.0) -> Iterator[None]:
+    """Meanwhile, sample the machine's CPU, memory, disk and network use (and NVIDIA GPUs', where nvidia-ml-py is
+    installed) into run `run_id`'s `system/` metrics, as `mlflow.start_run(log_system_metrics=True)` does."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_seconds, tracking_uri=tracking_uri())
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def log_dataset(client: MlflowClient, run_id: str, manifest_csv: str, data_version: DataVersion) -> None:
+    """The manifest (one row per image) as the run's dataset input: named after the data, the DVC hash as its digest
+    (MLflow keeps 36 characters, so "content-" is dropped), the manifest file as its source."""
+    from mlflow.data import from_pandas
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = from_pandas(pd.read_csv(manifest_csv), source=manifest_csv, targets="label",
+                          name=Path(data_version.path).name, digest=data_version.hash.removeprefix("content-"))
+    client.log_inputs(run_id, [DatasetInput(Dataset(**dataset.to_dict()),
+                                            [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
 
 
 def start_parent_run(client: MlflowClient, experiment_id: str, run_name: str, params: dict,
@@ -137,24 +321,29 @@ def start_parent_run(client: MlflowClient, experiment_id: str, run_name: str, pa
     return run.info.run_id
 
 
-def log_strategy_run(client: MlflowClient, tracking: TrackingStart, train: TrainResult, evaluation: EvalResult,
-                     params: dict, manifest_csv: str, model_name: str) -> RegisteredVersion:
-    """One nested run: the params that apply to its strategy, per-epoch history, test metrics, artifacts,
-    the model and its registry version.
+def start_strategy_run(client: MlflowClient, tracking: TrackingStart, strategy: str, settings: dict, params: dict,
+                       manifest_csv: str, data_version: DataVersion) -> str:
+    """Create strategy `strategy`'s nested run before it trains, with its params (its own `settings`, the model and
+    the preprocessing; the parent run has every setting), tags, dataset and description; returns its id."""
+    note = strategy_run_note(strategy, tracking.tags, {}, "training")
+    run = client.create_run(tracking.experiment_id, run_name=tracking.strategy_run_name(strategy),
+                            tags={**tracking.tags, MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, "strategy": strategy,
+                                  MLFLOW_RUN_NOTE: note})
+    shared = {section: params[section] for section in ("model", "preprocess")}
+    log_values(client, run.info.run_id, params={**flatten({**shared, "train": settings}), "strategy": strategy})
+    log_dataset(client, run.info.run_id, manifest_csv, data_version)
+    return run.info.run_id
 
-    A training already registered (the same `training_key`: data, settings and code) is not registered
-    again: the run notes the version it reuses (`model_version`).
+
+def log_strategy_run(client: MlflowClient, tracking: TrackingStart, run_id: str, train: TrainResult,
+                     evaluation: EvalResult, manifest_csv: str, cache_dir: str, model_name: str) -> RegisteredVersion:
+    """The strategy run's test metrics, reports, manifest and model (with an example request from the cache's test
+    split), registered as a version of `model_name` with a model card.
+
+    A training already registered (the same `training_key`: data, settings and code) is not registered again:
+    the run notes the version it reuses (`model_version`).
     """
-    tags = tracking.tags
-    run = client.create_run(tracking.experiment_id, run_name=tracking.strategy_run_name(train.strategy),
-                            tags={**tags, "mlflow.parentRunId": tracking.parent_run_id, "strategy": train.strategy})
-    run_id = run.info.run_id
-    metrics = {**evaluation.metrics, "trainable_params": train.trainable_params, "total_params": train.total_params,
-               "train_seconds": train.train_seconds, "train_images_per_second": train.images_per_second,
-               "peak_rss_mb": train.peak_rss_mb}
-    shared = {section: values for section, values in params.items() if section != "train"}
-    log_values(client, run_id, params={**flatten({**shared, "train": train.settings}), "strategy": train.strategy},
-               metrics=metrics, history=train.history)
+    log_values(client, run_id, metrics=run_metrics(evaluation, train))
     for path in [*evaluation.artifacts, manifest_csv]:
         client.log_artifact(run_id, path)
     key = training_key(train.model_dir)
@@ -162,16 +351,51 @@ def log_strategy_run(client: MlflowClient, tracking: TrackingStart, train: Train
     if registered:
         version = min(registered, key=lambda found: int(found.version))
     else:
-        model_info = log_pyfunc_model(run_id, "model", train.model_dir, {"precision": "fp32"})
+        model_info = log_pyfunc_model(run_id, "model", train.model_dir, {"precision": "fp32"}, input_example(cache_dir))
         sidecar = read_sidecar(train.model_dir)
-        version_tags = {**tags, "strategy": train.strategy, "run_id": run_id, "training_key": key,
-                        "labels": json.dumps(sidecar["labels"]),
-                        "image_size": str(sidecar["data_config"]["image_size"]),
-                        **{name: f"{metrics[name]:.6g}" for name in ("test_accuracy", "test_macro_f1")}}
-        version = mlflow.register_model(model_info.model_uri, model_name, tags=version_tags)
+        version_tags = {"strategy": train.strategy, "data_version": tracking.tags["data_version"],
+                        "model_source": tracking.tags["model_source"], "labels": json.dumps(sidecar["labels"]),
+                        "image_size": str(sidecar["data_config"]["image_size"]), "training_key": key,
+                        **{name: f"{evaluation.metrics[name]:.6g}" for name in ("test_accuracy", "test_macro_f1")}}
+        version = register(client, model_name, model_info, version_tags)
     client.set_tag(run_id, "model_version", str(version.version))
-    client.set_terminated(run_id)
+    metrics = {**evaluation.metrics, "best_epoch": train.best_epoch, "trainable_params": train.trainable_params,
+               "total_params": train.total_params, "train_seconds": train.train_seconds,
+               "train_images_per_second": train.images_per_second, "peak_rss_mb": train.peak_rss_mb}
     return RegisteredVersion(train.strategy, run_id, version.version, metrics)
+
+
+def register(client: MlflowClient, model_name: str, model_info, tags: dict[str, str]):
+    """Register the logged model `model_info` as a new version of `model_name` (created if need be), with its model
+    card; `mlflow.register_model` would do the same but print what it did."""
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as error:  # it exists: from an earlier run, or another strategy's branch made it
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(model_name, model_info.model_uri, run_id=model_info.run_id, tags=tags,
+                                          model_id=model_info.model_id)
+    refresh_model_card(client, model_name, version.version)
+    return version
+
+
+def finish_strategy_run(client: MlflowClient, run_id: str, model_name: str, version: int | str) -> None:
+    """Describe the strategy run by its headline metrics and registered version, and end it as finished."""
+    run = client.get_run(run_id)
+    note = strategy_run_note(run.data.tags["strategy"], run.data.tags, run.data.metrics,
+                             run.data.tags.get("training", "trained"), f"{model_name} v{version}")
+    client.set_tag(run_id, MLFLOW_RUN_NOTE, note)
+    client.set_terminated(run_id)
+
+
+def refresh_model_card(client: MlflowClient, model_name: str, version: int | str) -> None:
+    """Write version `version`'s description: its model card (`vitflow.cards.model_card`), from its tags and
+    the run that logged it."""
+    found = client.get_model_version(model_name, str(version))
+    run = client.get_run(found.run_id) if found.run_id else None
+    card = model_card(model_name, found.version, found.tags, found.run_id, run.data.metrics if run else {},
+                      run.data.tags if run else {})
+    client.update_model_version(model_name, found.version, description=card)
 
 
 def training_key(model_dir: str) -> str:
@@ -179,26 +403,44 @@ def training_key(model_dir: str) -> str:
     return "/".join(Path(model_dir).parts[-3:-1])
 
 
-def log_pyfunc_model(run_id: str, name: str, model_dir: str, tags: dict[str, str]):
-    """Log the checkpoint or export in `model_dir` as an MLflow pyfunc model (from code) in run `run_id`."""
-    with mlflow.start_run(run_id=run_id):  # log_model needs an active run in this thread
-        return mlflow.pyfunc.log_model(
-            name=name, python_model=str(PROJECT_ROOT / "vitflow" / "mlflow_model.py"),
-            artifacts={"model_dir": model_dir}, code_paths=[str(PROJECT_ROOT / "vitflow")],
-            signature=SIGNATURE, pip_requirements=serving_requirements(), tags=tags)
+def input_example(cache_dir: str) -> pd.DataFrame:
+    """A request the served model takes: one test image of the cache, PNG-encoded, in the column `image`."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(load_split(cache_dir, "test").images[0].permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return pd.DataFrame({"image": [buffer.getvalue()]})
 
 
-def log_exports(client: MlflowClient, run_id: str, records: list[dict]) -> None:
-    """Each reduced-precision export becomes its own model `model-<precision>` in the strategy's run,
-    tagged with its precision; its agreement with FP32 is logged as metrics."""
+def log_pyfunc_model(run_id: str, name: str, model_dir: str, tags: dict[str, str],
+                     example: pd.DataFrame | None = None):
+    """Log the checkpoint or export in `model_dir` as an MLflow pyfunc model (from code) in run `run_id` and its
+    experiment, with `example` as its input example (MLflow checks the model answers it).
+
+    Through `Model.log` with the run's id: `mlflow.start_run` would mark the run finished when left.
+    """
+    from mlflow.models import Model
+
+    experiment_id = MlflowClient(tracking_uri()).get_run(run_id).info.experiment_id
+    logged = mlflow.initialize_logged_model(name, source_run_id=run_id, tags=tags, experiment_id=experiment_id)
+    return Model.log(artifact_path=None, flavor=mlflow.pyfunc, name=name, run_id=run_id, model_id=logged.model_id,
+                     python_model=str(PROJECT_ROOT / "vitflow" / "mlflow_model.py"), artifacts={"model_dir": model_dir},
+                     code_paths=[str(PROJECT_ROOT / "vitflow")], signature=SIGNATURE, input_example=example,
+                     pip_requirements=serving_requirements())
+
+
+def log_exports(client: MlflowClient, run_id: str, records: list[dict], cache_dir: str) -> None:
+    """Each reduced-precision export becomes its own model `model-<precision>` in the strategy's run, tagged with
+    its precision; its agreement with FP32 is logged as `precision/<precision>_...` metrics."""
+    example = input_example(cache_dir) if records else None
     for record in records:
         precision = record["precision"]
-        log_values(client, run_id, metrics={f"{precision}_{key}": record[key] for key in
+        log_values(client, run_id, metrics={f"precision/{precision}_{key}": record[key] for key in
                                             ("top1_agreement", "max_abs_logit_diff", "accuracy", "size_ratio_vs_fp32")})
         client.set_tag(run_id, f"{precision}_compute", record["compute"])
         log_pyfunc_model(run_id, f"model-{precision}", record["path"],
                          {"precision": precision, "compute": record["compute"],
-                          "top1_agreement": f"{record['top1_agreement']:.6g}"})
+                          "top1_agreement": f"{record['top1_agreement']:.6g}"}, example)
 
 
 def serving_requirements() -> list[str]:
@@ -238,13 +480,22 @@ class TrackingStart:
         return self.name.format(strategy=strategy)
 
 
+def current_user() -> str:
+    """Who runs vitflow, for MLflow's "Created by" and the champion history."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name in some containers
+        return "unknown user"
+
+
 def run_tags(data_version: DataVersion, model_source: str, owner: str) -> dict[str, str]:
-    """Which data, model and code a run used, and which process runs it, as MLflow tags."""
+    """Which data, model and code a run used, and which process runs it, as MLflow tags (with MLflow's own source,
+    commit and user tags, which its UI shows as Source and Created by)."""
     tags = {"data_version": data_version.hash, "data_dirty": str(data_version.dirty).lower(),
             "data_tracked": str(data_version.tracked).lower(), "model_source": model_source, **git_state(),
             "prefect.flow_run_id": owner, "vitflow.pid": str(os.getpid()), "vitflow.host": socket.gethostname()}
-    tags["mlflow.source.git.commit"] = tags["git_commit"]
-    return tags
+    return {**tags, MLFLOW_GIT_COMMIT: tags["git_commit"], MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_USER: current_user(),
+            MLFLOW_SOURCE_NAME: str(PROJECT_ROOT / "flows" / "retrain.py")}
 
 
 def start_tracking(settings: MlflowConfig, params: dict, data_version: DataVersion, model_source: str, force: bool,
@@ -269,10 +520,15 @@ def start_tracking(settings: MlflowConfig, params: dict, data_version: DataVersi
         closed = close_abandoned_runs(client, experiment_id, settings.stale_run_hours)
         previous = None if force else find_finished_run(client, experiment_id, fingerprint)
         if previous is None:
-            run_id = start_parent_run(client, experiment_id, run_name, params, parent_tags)
+            strategies = ", ".join(params["train"]["strategies"])
+            note = f"Retraining `{model_short}` on data `{data_version.short}`: {strategies}."
+            run_id = start_parent_run(client, experiment_id, run_name, params, {**parent_tags, MLFLOW_RUN_NOTE: note})
+            share_runs_view(client, experiment_id, params["train"]["strategies"])
         else:
+            note = f"Nothing to do: data, params and code match run `{previous}`."
             run = client.create_run(experiment_id, run_name=f"{run_name}-nothing-to-do",
-                                    tags={**parent_tags, "nothing_to_do": "true", "same_as_run": previous})
+                                    tags={**parent_tags, "nothing_to_do": "true", "same_as_run": previous,
+                                          MLFLOW_RUN_NOTE: note})
             client.set_terminated(run.info.run_id)
             run_id = run.info.run_id
     return TrackingStart(experiment_id, run_id, previous, tags, f"{model_short}-{{strategy}}-{data_version.short}",
@@ -323,6 +579,7 @@ def end_run(client: MlflowClient, run_id: str, status: str, reason: str) -> None
             client.set_model_version_tag(version.name, version.version, "decision", "undecided")
             why = f"the run that registered it ended ({status}) before deciding: {reason}"
             client.set_model_version_tag(version.name, version.version, "decision_reason", why[:5000])
+            refresh_model_card(client, version.name, version.version)
 
 
 def log_run_artifact(client: MlflowClient, run_id: str, path: str, folder: str) -> tuple[str, str]:

@@ -4,9 +4,11 @@
     vitflow run [--data DIR] [--model SOURCE] [--strategies full,partial] [--epochs N] [--set KEY=VALUE ...]
     vitflow predict FILE|FOLDER|'GLOB'... [--model URI_OR_DIR] [--top-k 5] [--batch-size 32]
                     [--output preds.csv|preds.jsonl] [--precision fp32|fp16|bf16|int8]
-    vitflow explain IMAGE [--model URI_OR_DIR] [--head-fusion mean|max|min] [--discard RATIO] [--class LABEL]
+    vitflow explain IMAGE [--model URI_OR_DIR] [--method gradient|plain] [--class LABEL]
+                    [--head-fusion mean|max|min] [--discard RATIO] [--out FILE.png]
     vitflow models | promote | rollback | compare
     vitflow serve --cron "0 3 * * 1" [--timezone TZ]
+    vitflow ui [--mlflow-port 5000] [--prefect-port 4200]
 
 Every command checks its input before starting anything slow; an error is one line on stderr and
 exits with the code of its kind (2: bad input or setting, 3: a server that did not answer).
@@ -18,7 +20,7 @@ import argparse
 import sys
 
 from vitflow import environment
-from vitflow.cli import ops, predict, registry, run
+from vitflow.cli import ops, predict, registry, run, ui
 from vitflow.errors import VitflowError
 
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitflow", description=__doc__.strip().splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    for module in (run, predict, registry, ops):
+    for module in (run, predict, registry, ops, ui):
         module.add_commands(commands)
     return parser
 

@@ -11,7 +11,6 @@ The model name and experiment default to params.yaml's `registry.model_name` and
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 
 from vitflow.config import load_config
@@ -64,14 +63,6 @@ def _setup(args: argparse.Namespace):
     return configure_mlflow(), config, args.name or config.registry.model_name
 
 
-def _actor() -> str:
-    """Who runs the command, for the champion history."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no login name in some containers
-        return "unknown user"
-
-
 def _describe(model_name: str, entry: dict) -> str:
     """One line for a champion move (a history entry)."""
     previous = f"v{entry['previous']}" if entry["previous"] else "none"
@@ -98,6 +89,7 @@ def models_command(args: argparse.Namespace) -> int:
 
 def promote_command(args: argparse.Namespace) -> int:
     from vitflow.registry import best_version, champion_number, promote_version
+    from vitflow.tracking import current_user
 
     client, config, model_name = _setup(args)
     version, reason = args.version, args.reason
@@ -109,16 +101,18 @@ def promote_command(args: argparse.Namespace) -> int:
             print(f"v{version} ({key} {best.tags[key]}) is already the champion of {model_name}; nothing to do")
             return 0
         reason = reason or f"best {key} ({best.tags[key]}) on its data version"
-    entry = promote_version(client, model_name, version, reason or "promoted by hand", _actor(), force=args.force)
+    entry = promote_version(client, model_name, version, reason or "promoted by hand", current_user(),
+                            force=args.force)
     print(_describe(model_name, entry))
     return 0
 
 
 def rollback_command(args: argparse.Namespace) -> int:
     from vitflow.registry import rollback
+    from vitflow.tracking import current_user
 
     client, _, model_name = _setup(args)
-    print(_describe(model_name, rollback(client, model_name, _actor(), args.reason, force=args.force)))
+    print(_describe(model_name, rollback(client, model_name, current_user(), args.reason, force=args.force)))
     return 0
 
 

@@ -47,13 +47,15 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
     return overrides + args.set
 
 
-class _HideUserErrorTracebacks(logging.Filter):
-    """Bad input is reported once, in one line, by `main`: drop Prefect's traceback for it."""
+class _QuietConsole(logging.Filter):
+    """Bad input is reported once, in one line, by `main`: drop Prefect's traceback for it. Prefect's notes that it
+    starts and stops a temporary server, with advice to run one, say nothing a run's user needs (`vitflow ui` shows
+    the runs)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], VitflowError):
             record.exc_info = None
-        return True
+        return not record.getMessage().startswith(("Starting temporary server", "Stopping temporary server"))
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -73,7 +75,7 @@ def run_command(args: argparse.Namespace) -> int:
     prefect_loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
                        if name.startswith("prefect")]
     for handler in {handler for logger in prefect_loggers for handler in logger.handlers}:
-        handler.addFilter(_HideUserErrorTracebacks())
+        handler.addFilter(_QuietConsole())
 
     runner = task_runner("dask" if args.dask_address else args.task_runner, args.workers, args.dask_address)
     summary = retrain.with_options(task_runner=runner)(overrides=overrides, params_file=params_file, force=args.force)
