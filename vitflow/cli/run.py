@@ -72,9 +72,9 @@ def run_command(args: argparse.Namespace) -> int:
     from vitflow.cli.ui import MLFLOW_PORT
     from vitflow.tracking import experiment_page, server_url
 
-    prefect_loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-                       if name.startswith("prefect")]
-    for handler in {handler for logger in prefect_loggers for handler in logger.handlers}:
+    loggers = [logging.root, *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                               if name.startswith("prefect"))]  # the console handler is the root logger's
+    for handler in {handler for logger in loggers for handler in logger.handlers}:
         handler.addFilter(_QuietConsole())
 
     runner = task_runner("dask" if args.dask_address else args.task_runner, args.workers, args.dask_address)
