@@ -128,13 +128,13 @@ def main() -> None:
 
     cache, _ = shipped_cache(args.image_size)
     rows = [measure("ants vs bees", cache, [], True, flops, peak)]
-    work = Path(tempfile.mkdtemp(prefix="vitflow-bench-gpu-"))
-    synthetic = synthetic_cache(work, args.images, args.image_size)
-    for config in args.configs.split(","):
-        batch, workers = config.split(":")
-        rows.append(measure(f"synthetic {args.images:,}", synthetic,
-                            ["train.epochs=1", f"train.batch_size={batch}", f"train.loader_workers={workers}"],
-                            False, flops, peak))
+    with tempfile.TemporaryDirectory(prefix="vitflow-bench-gpu-") as work:
+        synthetic = synthetic_cache(Path(work), args.images, args.image_size)
+        for config in args.configs.split(","):
+            batch, workers = config.split(":")
+            rows.append(measure(f"synthetic {args.images:,}", synthetic,
+                                ["train.epochs=1", f"train.batch_size={batch}", f"train.loader_workers={workers}"],
+                                False, flops, peak))
     print(f"\nmachine: {machine()}; GPU: {gpu}, peak bf16 {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
     print(f"full, params.yaml with train.device=cuda, train.precision=auto, {args.image_size} px; forward "
           f"{flops / 1e9:.2f} GFLOP per image; steady: optimizer steps after the first {WARMUP_STEPS}, "

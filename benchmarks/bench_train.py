@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -154,7 +155,8 @@ def main() -> None:
     parser.add_argument("--images", default="2000,20000", help="memory part: synthetic set sizes")
     parser.add_argument("--precision", default="auto", help="memory part: train.precision")
     parser.add_argument("--threads", type=int, help="torch threads per training (default: one per core)")
-    parser.add_argument("--work", type=Path, help="memory part: where the sets and caches go (default: temporary)")
+    parser.add_argument("--work", type=Path, help="memory part: where the sets and caches go (default: a temporary "
+                        "folder, removed at the end)")
     parser.add_argument("--measure", choices=["precision", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -176,6 +178,8 @@ def main() -> None:
         work = args.work or Path(tempfile.mkdtemp(prefix="vitflow-bench-train-"))
         work.mkdir(parents=True, exist_ok=True)
         memory_part([int(count) for count in args.images.split(",")], args.precision, work)
+        if args.work is None:
+            shutil.rmtree(work)
 
 
 if __name__ == "__main__":

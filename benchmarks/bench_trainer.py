@@ -140,19 +140,20 @@ def main() -> None:
         return
 
     cache, manifest = shipped_cache(args.image_size)
-    manifest_csv = Path(tempfile.mkdtemp(prefix="vitflow-bench-trainer-")) / "manifest.csv"
-    manifest.to_csv(manifest_csv, index=False)
     common = ["--epochs", str(args.epochs), "--image-size", str(args.image_size)]
     rows = []
-    for precision in args.precisions.split(","):
-        for name, data in (("trainer", manifest_csv), ("vitflow", cache)):
-            record = in_fresh_process("benchmarks.bench_trainer", ["--measure", name, "--precision", precision,
-                                                                   "--data", str(data), *common])
-            rows.append({"framework": "transformers.Trainer" if name == "trainer" else "vitflow full",
-                         **record})
-            print(f"{rows[-1]['framework']} {precision}: {record['train_s']:.1f} s, "
-                  f"test accuracy {record['test_accuracy']:.4f} (load {record['load_before']} -> "
-                  f"{record['load_after']})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="vitflow-bench-trainer-") as scratch:
+        manifest_csv = Path(scratch) / "manifest.csv"
+        manifest.to_csv(manifest_csv, index=False)
+        for precision in args.precisions.split(","):
+            for name, data in (("trainer", manifest_csv), ("vitflow", cache)):
+                record = in_fresh_process("benchmarks.bench_trainer", ["--measure", name, "--precision", precision,
+                                                                       "--data", str(data), *common])
+                rows.append({"framework": "transformers.Trainer" if name == "trainer" else "vitflow full",
+                             **record})
+                print(f"{rows[-1]['framework']} {precision}: {record['train_s']:.1f} s, "
+                      f"test accuracy {record['test_accuracy']:.4f} (load {record['load_before']} -> "
+                      f"{record['load_after']})", flush=True)
     frame = pd.DataFrame(rows)
     table = frame.rename(columns={"train_s": "train s", "images_per_s": "train img/s", "cpu_s": "CPU s",
                                   "test_accuracy": "test accuracy", "peak_rss_mb": "peak RSS MB",
