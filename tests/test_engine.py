@@ -246,3 +246,14 @@ def test_feature_extraction_on_a_distilled_deit_trains_both_heads_as_the_model_u
     with torch.no_grad():  # the features the head trained on give the model's own predictions
         accuracy = (model.eval()(normalize(val.images, model.data_config)).argmax(1) == val.labels).float().mean()
     assert accuracy.item() == pytest.approx(result.history[result.best_epoch - 1]["val_accuracy"])
+
+
+def test_a_daemonic_process_loads_batches_itself(monkeypatch):
+    """Dask and multiprocessing workers are daemonic and may not start loader processes."""
+    import multiprocessing
+
+    from vitflow.data.cache import worker_processes
+
+    assert worker_processes(2) == 2
+    monkeypatch.setattr(multiprocessing.current_process(), "daemon", True, raising=False)
+    assert worker_processes(2) == 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -46,6 +47,12 @@ class SplitTensors:
     paths: list[str]
 
 
+def worker_processes(requested: int) -> int:
+    """`requested` DataLoader worker processes, or none inside a daemonic process (a Dask or multiprocessing
+    worker), which may not start children: the work then runs in this process."""
+    return 0 if multiprocessing.current_process().daemon else requested
+
+
 def cache_key(data_version: str, manifest: pd.DataFrame, data_config: DataConfig, labels: list[str]) -> str:
     """Fingerprint of what the cached tensors depend on: data, splits, labels, preprocessing and cache format."""
     usable = manifest[manifest["status"] == "ok"]
@@ -74,7 +81,7 @@ def preprocess_dataset(manifest: pd.DataFrame, data_path: Path | str, data_confi
         shutil.rmtree(cache_dir)
     data_path = Path(data_path)
     source = detect_source(data_path)
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = worker_processes((os.cpu_count() or 1) if workers is None else workers)
     label_index = {label: i for i, label in enumerate(labels)}
     usable = manifest[manifest["status"] == "ok"].sort_values("path")
     staging = cache_dir.with_name(f".{cache_dir.name}.partial-{os.getpid()}")

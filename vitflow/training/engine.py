@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from vitflow.config import TrainConfig
-from vitflow.data.cache import SplitTensors
+from vitflow.data.cache import SplitTensors, worker_processes
 from vitflow.data.images import augmentation
 from vitflow.devices import resolve_device, resolve_precision
 from vitflow.models import ImageClassifier
@@ -80,7 +80,7 @@ def training_batches(model: ImageClassifier, train: SplitTensors, settings: Trai
     augment = augmentation(model.data_config, settings.crop_scale_min) if settings.augment else None
     generator = torch.Generator()
     loader = DataLoader(TrainingImages(train, augment), batch_size=settings.batch_size, shuffle=True,
-                        generator=generator, num_workers=settings.loader_workers,
+                        generator=generator, num_workers=worker_processes(settings.loader_workers),
                         pin_memory=device.type == "cuda")
     return loader, generator
 
