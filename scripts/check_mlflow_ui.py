@@ -3,12 +3,13 @@
     uv run --with playwright python scripts/check_mlflow_ui.py [--out docs] [--experiment NAME] [--name MODEL]
 
 Starts an MLflow server on the project's store and a Prefect server on its Prefect home (as `vitflow ui` does, on
-free ports), finds the newest finished flow run with strategy runs, and writes, as PNG: the runs list with that
-run expanded (`mlflow-runs.png`), its strategies in the chart view (`mlflow-charts.png`) and the compare view
-(`mlflow-compare.png`), the registered model (`mlflow-model.png`) and its champion's model card
-(`mlflow-model-version.png`), and the Prefect flow run (`prefect-flow-run.png`) and its comparison artifact
-(`prefect-comparison.png`). Playwright drives Debian's `chromium` package (`apt-get install chromium`); its own
-browser download is not needed.
+free ports), finds the newest finished flow run with strategy runs, and writes, as PNG: in MLflow, the runs list
+as the printed link opens it (`mlflow-runs.png`) and as charts (`mlflow-charts.png`); in a tall window, the
+champion's run (`mlflow-run.png`), its loss charts (`mlflow-run-metrics.png`) and the compare view of the
+strategies (`mlflow-compare.png`); the registered model (`mlflow-model.png`) and the champion's model card
+(`mlflow-model-version.png`); in Prefect, the flow run with the task runs of the champion's branch
+(`prefect-flow-run.png`) and its comparison artifact (`prefect-comparison.png`). Playwright drives Debian's
+`chromium` package (`apt-get install chromium`); its own browser download is not needed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from vitflow.paths import work_dir
 from vitflow.tracking import experiment_page, tracking_uri
 
 VIEWPORT = {"width": 1600, "height": 1000}
+TALL = {"width": 1600, "height": 2200}
 
 
 def free_port() -> int:
@@ -52,13 +54,18 @@ def latest_flow_run(client: MlflowClient, experiment: str):
     sys.exit(f"error: no finished flow run with strategy runs in experiment {experiment!r}; run `vitflow run` first")
 
 
-def shoot(page, url: str, path: Path, ready: str, full_page: bool = False) -> None:
-    """Open `url`, wait for the text `ready`, let the charts settle, and save a screenshot at `path`."""
+def shoot(page, url: str, path: Path, ready: str) -> None:
+    """Open `url` and `snap` it."""
     page.goto(url)
+    snap(page, path, ready)
+
+
+def snap(page, path: Path, ready: str) -> None:
+    """Wait for the text `ready`, let the charts settle, and save a screenshot at `path`."""
     page.get_by_text(ready, exact=False).first.wait_for(timeout=60_000)
     page.wait_for_timeout(3000)
-    page.screenshot(path=str(path), full_page=full_page)
-    print(f"{path}: {url}")
+    page.screenshot(path=str(path))
+    print(f"{path}: {page.url}")
 
 
 def latest_artifact_id(prefect_url: str, key: str) -> str:
@@ -109,17 +116,30 @@ def main() -> int:
             # As if closed once: MLflow 3 opens its assistant panel beside every page, over a third of the runs table.
             page.add_init_script("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
                                  "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');")
-            shoot(page, runs, out / "mlflow-runs.png", client.get_run(run_ids[0]).info.run_name)
+            shoot(page, runs, out / "mlflow-runs.png", parent.info.run_name)
             shoot(page, f"{runs}&compareRunsMode=CHART", out / "mlflow-charts.png", "Model metrics")
+            page.set_viewport_size(TALL)  # these pages scroll inside a panel: a taller window shows more
+            champion_run = client.get_model_version(model_name, champion).run_id
+            shoot(page, f"{mlflow_url}/#/experiments/{experiment_id}/runs/{champion_run}?{genai_off}",
+                  out / "mlflow-run.png", "About this run")
+            page.get_by_role("tab", name="Model metrics").click()
+            page.get_by_placeholder("Search metric charts").fill("loss")  # per step and per epoch, logged live
+            snap(page, out / "mlflow-run-metrics.png", "train_loss")
             compare = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment_id]),
                                               "workflowType": "machine_learning"})
-            shoot(page, f"{mlflow_url}/#/compare-runs?{compare}", out / "mlflow-compare.png", "Metrics",
-                  full_page=True)
+            shoot(page, f"{mlflow_url}/#/compare-runs?{compare}", out / "mlflow-compare.png", "Metrics")
+            page.set_viewport_size(VIEWPORT)
             shoot(page, f"{mlflow_url}/#/models/{model_name}?{genai_off}", out / "mlflow-model.png",
                   "Champion history")
             shoot(page, f"{mlflow_url}/#/models/{model_name}/versions/{champion}?{genai_off}",
                   out / "mlflow-model-version.png", "Load it")
-            shoot(page, f"{prefect_url}/runs/flow-run/{flow_run_id}", out / "prefect-flow-run.png", "Completed")
+            strategy = client.get_run(champion_run).data.tags["strategy"]
+            page.set_viewport_size(TALL)
+            page.goto(f"{prefect_url}/runs/flow-run/{flow_run_id}")
+            page.get_by_text("Task Runs", exact=True).first.click()
+            page.get_by_placeholder("Search by run name").fill(strategy)  # one strategy's task runs
+            snap(page, out / "prefect-flow-run.png", f"fine-tune-{strategy}")
+            page.set_viewport_size(VIEWPORT)
             artifact = latest_artifact_id(prefect_url, "strategy-comparison")
             shoot(page, f"{prefect_url}/artifacts/artifact/{artifact}", out / "prefect-comparison.png", "accuracy")
             browser.close()

@@ -130,10 +130,12 @@ def table_rows(frame: pd.DataFrame) -> list[dict]:
 
 
 def artifact_rows(frame: pd.DataFrame) -> list[dict]:
-    """`compare_runs` rows for a Prefect table artifact (which renders text cells as Markdown): the headline columns,
-    then `mlflow`, a link to the run's page (or, with a local store, its artifact folder), then the rest."""
+    """`compare_runs` rows for a Prefect table artifact (which renders text cells as Markdown), scores to 4 decimals
+    and times to 1: the headline columns, then `mlflow`, a link to the run's page (or, with a local store, its
+    artifact folder), then the rest."""
+    rounded = frame.round({"accuracy": 4, "macro_f1": 4, "fit_seconds": 1, "latency_ms": 1, "duration_s": 1})
     rows = []
-    for row in table_rows(frame):
+    for row in table_rows(rounded):
         location = row.pop("location")
         link = f"[{row['run_name']}]({location})" if location.startswith(("http://", "https://")) else location
         headline = {key: row.pop(key) for key in ("strategy", "version", "champion", *RUN_METRICS)}
