@@ -1,4 +1,5 @@
-"""The `retrain` flow: version the data, preprocess, fine-tune every strategy, evaluate, register, promote.
+"""The `retrain` flow: version the data, preprocess, fine-tune every model under every strategy, evaluate, register,
+promote.
 
     from flows.retrain import retrain
     summary = retrain(overrides=["train.epochs=1"])
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefect import flow, task
+from prefect import Task, flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.data import build_manifest_task, version_data_task
@@ -30,7 +31,7 @@ from tasks.tracking import (
     start_tracking_task,
 )
 from tasks.train import fine_tune_task
-from vitflow.config import Config, ModelConfig
+from vitflow.config import Config, ModelConfig, model_label
 from vitflow.data.versioning import DataVersion
 from vitflow.errors import VitflowError
 from vitflow.paths import PARAMS_FILE, work_dir
@@ -38,41 +39,51 @@ from vitflow.tracking import RegisteredVersion, TrackingStart, system_metrics
 
 
 @dataclass(frozen=True)
-class StrategyBranch:
-    """What every strategy's branch of the flow shares."""
+class ModelBranch:
+    """What the branches of one pretrained model share: every strategy fine-tunes it from the same cache."""
 
     config: Config
     tracking: TrackingStart
     model: ModelConfig  # with the source resolved
-    cache_dir: str
+    cache_dir: str  # the data preprocessed for this model
     manifest_csv: str
     model_name: str  # the registered model this data's label set goes to
     data_version: DataVersion
 
+    @property
+    def label(self) -> str:
+        return model_label(self.model.source)
 
-@task(name="strategy", task_run_name="strategy-{strategy}")
-def strategy_task(strategy: str, branch: StrategyBranch) -> RegisteredVersion:
-    """One strategy's branch: its MLflow run, then fine-tune (logged live), evaluate, log and register, explain,
-    export, and the run ends; the machine's load is logged to the run meanwhile.
 
-    Strategies are independent, so the flow's task runner may run these branches concurrently
+def named(step: Task, branch: str) -> Task:
+    """`step` with its task runs named after the branch, e.g. `fine-tune-foundation-full`."""
+    return step.with_options(task_run_name=f"{step.name}-{branch}")
+
+
+@task(name="branch", task_run_name="{branch.label}-{strategy}")
+def branch_task(branch: ModelBranch, strategy: str) -> RegisteredVersion:
+    """One model under one strategy: its MLflow run, then fine-tune (logged live), evaluate, log and register,
+    explain, export, and the run ends; the machine's load is logged to the run meanwhile.
+
+    Branches are independent, so the flow's task runner may run them concurrently
     (threads by default, or Dask workers on other machines).
     """
-    config = branch.config
-    run_id = start_strategy_task(branch.tracking, strategy, config.train, config.as_dict(), branch.manifest_csv,
-                                 branch.data_version)
+    config, name = branch.config, f"{branch.label}-{strategy}"
+    run_id = named(start_strategy_task, name)(branch.tracking, branch.model.source, strategy, config.train,
+                                              config.as_dict(), branch.manifest_csv, branch.data_version)
     with system_metrics(run_id):
-        trained = fine_tune_task(branch.model, config.preprocess.image_size, branch.cache_dir, strategy, config.train,
-                                 run_id)
-        evaluation = evaluate_task.with_options(task_run_name=f"evaluate-{strategy}")(
-            trained.model_dir, branch.cache_dir, config.evaluate.batch_size, config.train.device, trained.history)
-        version = log_strategy_task(branch.tracking, run_id, trained, evaluation, branch.manifest_csv,
-                                    branch.cache_dir, branch.model_name)
-        rollout_task(trained.model_dir, branch.cache_dir, version.run_id, config.explain, config.train.device)
-        exports = export_task.with_options(task_run_name=f"export-{strategy}")(
-            trained.model_dir, branch.cache_dir, config.export, config.evaluate.batch_size, config.train.device)
-        log_exports_task.with_options(task_run_name=f"log-exports-{strategy}")(run_id, exports, branch.cache_dir)
-    finish_strategy_task(version, branch.model_name)
+        trained = named(fine_tune_task, name)(branch.model, config.preprocess.image_size, branch.cache_dir, strategy,
+                                              config.train, run_id)
+        evaluation = named(evaluate_task, name)(trained.model_dir, branch.cache_dir, config.evaluate.batch_size,
+                                                config.train.device, trained.history)
+        version = named(log_strategy_task, name)(branch.tracking, run_id, trained, evaluation, branch.manifest_csv,
+                                                 branch.cache_dir, branch.model_name)
+        named(rollout_task, name)(trained.model_dir, branch.cache_dir, version.run_id, config.explain,
+                                  config.train.device)
+        exports = named(export_task, name)(trained.model_dir, branch.cache_dir, config.export,
+                                           config.evaluate.batch_size, config.train.device)
+        named(log_exports_task, name)(run_id, exports, branch.cache_dir)
+    named(finish_strategy_task, name)(version, branch.model_name)
     return version
 
 
@@ -104,7 +115,8 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
     if plan.builds_foundation:
         foundation_task()
     data_version = version_data_task(str(plan.data_path))
-    tracking = start_tracking_task(config.mlflow, config.as_dict(), data_version, config.model.source, force)
+    tracking = start_tracking_task(config.mlflow, config.as_dict(), data_version,
+                                   [model.source for model in plan.models], force)
     summary = {"parent_run_id": tracking.parent_run_id, "experiment_id": tracking.experiment_id,
                "data_version": data_version.hash}
     if tracking.same_as_run:
@@ -114,12 +126,15 @@ def retrain(overrides: list[str] | None = None, params_file: str = str(PARAMS_FI
     manifest = build_manifest_task(str(plan.data_path), config.data, manifest_csv)
     log_dataset_task(tracking.parent_run_id, manifest_csv, data_version)
     model_name = model_name_task(config.registry, manifest)
-    data_config = inspect_model_task(plan.model, config.preprocess.image_size)
-    cache_dir = preprocess_task(manifest, str(plan.data_path), data_version.hash, data_config,
-                                str(work_dir() / "cache"), config.data.workers)
+    branches = []
+    for model in plan.models:  # models with the same preprocessing share one cache (`cache_key`)
+        label = model_label(model.source)
+        data_config = named(inspect_model_task, label)(model, config.preprocess.image_size)
+        cache_dir = named(preprocess_task, label)(manifest, str(plan.data_path), data_version.hash, data_config,
+                                                  str(work_dir() / "cache"), config.data.workers)
+        branches.append(ModelBranch(config, tracking, model, cache_dir, manifest_csv, model_name, data_version))
 
-    branch = StrategyBranch(config, tracking, plan.model, cache_dir, manifest_csv, model_name, data_version)
-    futures = [strategy_task.submit(strategy.name, branch) for strategy in plan.strategies]
+    futures = [branch_task.submit(branch, strategy.name) for branch in branches for strategy in plan.strategies]
     registered = [future.result() for future in futures]
 
     decision = promote_task(tracking.parent_run_id, model_name, config.registry, registered, data_version.hash,

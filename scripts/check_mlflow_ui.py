@@ -133,12 +133,13 @@ def main() -> int:
                   "Champion history")
             shoot(page, f"{mlflow_url}/#/models/{model_name}/versions/{champion}?{genai_off}",
                   out / "mlflow-model-version.png", "Load it")
-            strategy = client.get_run(champion_run).data.tags["strategy"]
+            tags = client.get_run(champion_run).data.tags
+            branch = f"{tags.get('model', '')}-{tags['strategy']}"  # as the flow names the branch's task runs
             page.set_viewport_size(TALL)
             page.goto(f"{prefect_url}/runs/flow-run/{flow_run_id}")
             page.get_by_text("Task Runs", exact=True).first.click()
-            page.get_by_placeholder("Search by run name").fill(strategy)  # one strategy's task runs
-            snap(page, out / "prefect-flow-run.png", f"fine-tune-{strategy}")
+            page.get_by_placeholder("Search by run name").fill(branch)  # one branch's task runs
+            snap(page, out / "prefect-flow-run.png", f"fine-tune-{branch}")
             page.set_viewport_size(VIEWPORT)
             artifact = latest_artifact_id(prefect_url, "strategy-comparison")
             shoot(page, f"{prefect_url}/artifacts/artifact/{artifact}", out / "prefect-comparison.png", "accuracy")

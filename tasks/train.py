@@ -8,7 +8,7 @@ from vitflow.training.loop import TrainResult, train_or_reuse
 from vitflow.training.strategies import resolve
 
 
-@tracking_task(name="fine-tune", task_run_name="fine-tune-{strategy}")
+@tracking_task(name="fine-tune")
 def fine_tune_task(model: ModelConfig, image_size: int | None, cache_dir: str, strategy: str, train: TrainConfig,
                    run_id: str) -> TrainResult:
     """A new head for the cache's labels, fine-tuned on its train and val splits, logged live to MLflow run `run_id`.

@@ -104,7 +104,7 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumon
                                  "promoted_at", "promotion_reason", "previous_champion"}
     assert get_model_info(uri).saved_input_example_info["type"] == "dataframe"
 
-    # Prefect: task runs named by strategy; the comparison artifact puts the headline metrics first.
+    # Prefect: task runs named by model and strategy; the comparison artifact puts the headline metrics first.
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
     with get_client(sync_client=True) as prefect:
         runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
@@ -112,10 +112,12 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumon
             any_=["strategy-comparison"])), flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     names = {run.name for run in runs}
     for strategy in STRATEGIES:
-        assert {f"{step}-{strategy}" for step in ("strategy", "start-run", "fine-tune", "evaluate", "log-and-register",
-                                                  "export", "log-exports", "finish-run")} <= names
+        assert f"tiny-hf-vit-{strategy}" in names
+        assert {f"{step}-tiny-hf-vit-{strategy}" for step in (
+            "start-run", "fine-tune", "evaluate", "log-and-register", "attention-rollout", "export", "log-exports",
+            "finish-run")} <= names
     rows = json.loads(artifact.data)
-    assert list(rows[0])[:5] == ["strategy", "version", "champion", "accuracy", "macro_f1"]
+    assert list(rows[0])[:5] == ["model", "strategy", "version", "champion", "accuracy"]
     assert all(Path(row["mlflow"]).is_dir() for row in rows)  # a local store: each run's artifact folder
 
     champion = load_logged_model(f"models:/{MODEL_NAME}@champion")
@@ -205,3 +207,48 @@ def test_an_npz_runs_through_the_flow(base_overrides, tmp_path):
     [version] = client.search_model_versions("name = 'npz-classifier'")
     assert json.loads(version.tags["labels"]) == ["normal", "pneumonia"]
     assert summary["registered"][0].metrics["test_accuracy"] > 0.5
+
+
+def test_several_models_fan_out_over_every_strategy(base_overrides, tiny_hf_model, tiny_deit_distilled, tiny_hybrid):
+    """The tutorial's ViT vs DeiT vs hybrid: `--model a,b,c` trains every model under every strategy, and the runs,
+    the registry, the parent's summary, the comparison and its plot cover them all."""
+    from vitflow.reporting import accuracy_vs_time_figure, compare_runs
+
+    client = MlflowClient(tracking_uri(), tracking_uri())
+    models = {"tiny-hf-vit": str(tiny_hf_model), "tiny-deit-distilled": str(tiny_deit_distilled),
+              "tiny-hybrid": str(tiny_hybrid)}
+    strategies = ["partial", "feature_extraction"]
+    branches = {(model, strategy) for model in models for strategy in strategies}
+
+    summary = retrain(overrides=[*base_overrides, f"model.source={list(models.values())}",
+                                 f"train.strategies={strategies}", "train.epochs=1",
+                                 "train.feature_extraction.epochs=2", "export.precisions=[]",
+                                 "preprocess.image_size=null",  # each at its own size: a hybrid's stem has its own
+                                 "registry.model_name=zoo-classifier", "mlflow.experiment=zoo"])
+
+    assert {(item.model, item.strategy) for item in summary["registered"]} == branches
+    children = client.search_runs([summary["experiment_id"]],
+                                  f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    short = summary["data_version"].removeprefix("content-")[:8]
+    assert {run.info.run_name for run in children} == {f"{model}-{strategy}-{short}" for model, strategy in branches}
+    for run in children:
+        assert run.data.tags["model_source"] == run.data.params["model.source"] == models[run.data.tags["model"]]
+        assert run.info.status == "FINISHED"
+    versions = client.search_model_versions("name='zoo-classifier'")
+    assert {(version.tags["model_source"], version.tags["strategy"]) for version in versions} == {
+        (models[model], strategy) for model, strategy in branches}
+    parent = client.get_run(summary["parent_run_id"])
+    assert {f"{model}-{strategy}_accuracy" for model, strategy in branches} <= set(parent.data.metrics)
+    assert parent.info.run_name == f"retrain-{'+'.join(models)}-{short}"
+
+    frame = compare_runs(client, "zoo", "zoo-classifier", summary["parent_run_id"])
+    assert set(zip(frame["model"], frame["strategy"], strict=True)) == branches and frame["version"].notna().all()
+    legend = accuracy_vs_time_figure(frame).axes[0].get_legend()
+    assert {text.get_text() for text in legend.get_texts()} == {f"{model} {strategy}" for model, strategy in branches}
+
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[parent.data.tags["prefect.flow_run_id"]])))
+    names = {run.name for run in runs}
+    assert {f"preprocess-{model}" for model in models} <= names
+    assert {f"fine-tune-{model}-{strategy}" for model, strategy in branches} <= names

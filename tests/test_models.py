@@ -63,6 +63,11 @@ def test_image_size_override_runs_at_the_new_size(tiny_hf_model):
         assert model(torch.randn(1, 3, 48, 48)).shape == (1, 2)
 
 
+def test_a_size_the_patches_do_not_tile_is_one_line(tiny_hybrid):
+    with pytest.raises(VitflowError, match="cannot run at 40 px; set preprocess.image_size"):
+        load_model(str(tiny_hybrid), labels=LABELS, image_size=40)
+
+
 def test_sidecar_records_backend_and_labels(tiny_timm_model, tmp_path):
     load_model(str(tiny_timm_model), labels=LABELS).save(tmp_path / "saved")
     sidecar = json.loads((tmp_path / "saved" / "vitflow.json").read_text())

@@ -28,13 +28,20 @@ from vitflow.registry import (
     read_history,
     rollback,
 )
-from vitflow.reporting import artifact_rows, compare_runs, plot_accuracy_vs_time, render, table_rows
+from vitflow.reporting import (
+    accuracy_vs_time_figure,
+    artifact_rows,
+    compare_runs,
+    plot_accuracy_vs_time,
+    render,
+    table_rows,
+)
 from vitflow.tracking import run_location, tracking_uri
 
 DATA_A = "content-" + "a1" * 16
 DATA_B = "b2" * 16 + ".dir"
-COMPARE_COLUMNS = ["strategy", "version", "champion", "accuracy", "macro_f1", "best_epoch", "fit_seconds", "latency_ms",
-                   "trainable_params", "model", "data_version", "epochs", "lr_backbone", "lr_head", "batch_size",
+COMPARE_COLUMNS = ["model", "strategy", "version", "champion", "accuracy", "macro_f1", "best_epoch", "fit_seconds",
+                   "latency_ms", "trainable_params", "data_version", "epochs", "lr_backbone", "lr_head", "batch_size",
                    "duration_s", "run_name", "run_id", "location"]
 
 
@@ -68,7 +75,7 @@ def build_registry(client: MlflowClient, tmp_path, versions: list[tuple[str, str
             (tmp_path / f"model-{index}").mkdir()
             client.create_model_version(name, source=(tmp_path / f"model-{index}").as_uri(), run_id=run_id, tags={
                 "strategy": strategy, "data_version": data_version, "run_id": run_id,
-                "test_accuracy": f"{accuracy:.6g}", "test_macro_f1": f"{accuracy - 0.05:.6g}",
+                "model_source": "/models/tiny-vit/", "test_accuracy": f"{accuracy:.6g}", "test_macro_f1": f"{accuracy - 0.05:.6g}",
                 "decision": "not selected"})
             run_ids.append(run_id)
     client.set_terminated(parent_id)
@@ -84,10 +91,11 @@ def test_list_versions_shows_every_version_with_its_aliases(client, tmp_path):
 
     frame = list_versions(client, name)
 
-    assert list(frame.columns) == ["version", "aliases", "strategy", "data_version", "test_accuracy", "test_macro_f1",
-                                   "decision", "created", "run_id"]
+    assert list(frame.columns) == ["version", "aliases", "model", "strategy", "data_version", "test_accuracy",
+                                   "test_macro_f1", "decision", "created", "run_id"]
     assert frame["version"].tolist() == [1, 2, 3]
     assert frame["aliases"].tolist() == ["", "challenger,champion", "previous"]
+    assert frame["model"].tolist() == ["tiny-vit"] * 3
     assert frame["strategy"].tolist() == ["full", "partial", "feature_extraction"]
     assert frame["data_version"].tolist() == ["a1a1a1a1", "a1a1a1a1", "b2b2b2b2"]
     assert frame["test_accuracy"].tolist() == pytest.approx([0.8, 0.9, 0.7])
@@ -262,7 +270,7 @@ def test_the_comparison_renders_in_every_format_and_as_a_plot(client, tmp_path):
     assert list(parsed.columns) == COMPARE_COLUMNS
     assert parsed["accuracy"].tolist() == pytest.approx([0.8, 0.9, 0.5])
     markdown = render(frame, "md").splitlines()
-    assert markdown[0].startswith("| strategy") and re.fullmatch(r"\|[-:|]+\|", markdown[1])
+    assert markdown[0].startswith("| model") and re.fullmatch(r"\|[-:|]+\|", markdown[1])
     assert len(markdown) == 2 + len(frame)
     assert "<table" in render(frame, "html")
     with pytest.raises(VitflowError, match="expected one of table, csv, md, html"):
@@ -270,6 +278,8 @@ def test_the_comparison_renders_in_every_format_and_as_a_plot(client, tmp_path):
 
     path = plot_accuracy_vs_time(frame, tmp_path / "compare.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    legend = accuracy_vs_time_figure(frame).axes[0].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == ["feature_extraction", "full", "partial"]
 
 
 def test_the_comparison_rows_are_plain_json(client, tmp_path):
@@ -286,9 +296,9 @@ def test_the_comparison_artifact_shows_headline_metrics_then_a_link_to_each_run(
     frame = compare_runs(client, name, name)
 
     [row] = artifact_rows(frame)
-    assert list(row)[:9] == ["strategy", "version", "champion", "accuracy", "macro_f1", "best_epoch", "fit_seconds",
-                             "latency_ms", "trainable_params"]
-    assert list(row)[9] == "mlflow" and row["mlflow"] == frame["location"][0]  # a local store: a plain path
+    assert list(row)[:10] == ["model", "strategy", "version", "champion", "accuracy", "macro_f1", "best_epoch",
+                              "fit_seconds", "latency_ms", "trainable_params"]
+    assert list(row)[10] == "mlflow" and row["mlflow"] == frame["location"][0]  # a local store: a plain path
     assert not row["mlflow"].startswith("file:") and "location" not in row
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000/")

@@ -5,10 +5,10 @@ champion history. Plain text from plain values; `vitflow.tracking` and `vitflow.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 
+from vitflow.config import model_label
 from vitflow.data.versioning import short_hash
 
 # A strategy run's headline metrics, as logged: unprefixed, so they sort before every other (prefixed) name.
@@ -22,7 +22,7 @@ def headline_table(metrics: dict[str, float]) -> str:
 
 
 def _subject(strategy: str, tags: dict[str, str]) -> str:
-    model = Path(tags.get("model_source", "").rstrip("/")).name or "?"
+    model = model_label(tags["model_source"]) if tags.get("model_source") else "?"
     return f"{strategy} fine-tune of {model} on data {short_hash(tags.get('data_version')) or '?'}"
 
 

@@ -58,6 +58,12 @@ class ModelConfig(Section):
         return [self.model_copy(update={"source": source}) for source in self.sources]
 
 
+def model_label(source: str) -> str:
+    """A model's short name in run and task names: the last part of its directory, hub id or timm name
+    (`timm:vit_small_patch16_224` -> `vit_small_patch16_224`, `hf:google/vit-base` -> `vit-base`)."""
+    return source.rstrip("/").rsplit("/", 1)[-1].split(":", 1)[-1]
+
+
 class PreprocessConfig(Section):
     image_size: int | None = Field(default=None, ge=8)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitflow.config import Config, ModelConfig, load_config
+from vitflow.config import Config, ModelConfig, load_config, model_label
 from vitflow.data.sources import detect_source, versioned_path
 from vitflow.errors import VitflowError
 from vitflow.models import check_safetensors_only, resolve_backend
@@ -24,10 +24,6 @@ class RunPlan:
     data_path: Path
     models: list[ModelConfig]  # one per source: a project directory as an absolute path; ids and names as given
     builds_foundation: bool  # a model is the default backbone, rebuilt by DVC's `foundation` stage
-
-    @property
-    def model(self) -> ModelConfig:
-        return self.models[0]
 
 
 def plan_run(params_file: Path | str = PARAMS_FILE, overrides: list[str] | None = None) -> RunPlan:
@@ -44,6 +40,11 @@ def plan_run(params_file: Path | str = PARAMS_FILE, overrides: list[str] | None 
     foundation = project_path(config.foundation.output)
     if len(set(config.model.sources)) != len(config.model.sources):
         raise VitflowError(f"model.source={config.model.sources} names a model twice")
+    labels = [model_label(source) for source in config.model.sources]
+    if len(set(labels)) != len(labels):
+        same = sorted({label for label in labels if labels.count(label) > 1})
+        raise VitflowError(f"model.source={config.model.sources}: several models are named {same[0]!r} in run names; "
+                           "rename a directory so that each ends in its own name")
     models = []
     for model in config.model.each():
         in_project = project_path(model.source)

@@ -32,12 +32,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from vitflow.cards import flow_run_note, history_table
-from vitflow.config import RegistryConfig
+from vitflow.config import RegistryConfig, model_label
 from vitflow.data.cache import load_split
 from vitflow.data.versioning import short_hash
 from vitflow.errors import VitflowError
 from vitflow.evaluation import evaluate_model
-from vitflow.tracking import RegisteredVersion, log_values, refresh_model_card
+from vitflow.tracking import RegisteredVersion, branch_label, log_values, refresh_model_card
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -88,13 +88,14 @@ def champion_version(client: MlflowClient, model_name: str) -> ModelVersion | No
 
 
 def list_versions(client: MlflowClient, model_name: str) -> pd.DataFrame:
-    """Every version of `model_name`, oldest first: version, aliases, strategy, data_version (8 chars),
+    """Every version of `model_name`, oldest first: version, aliases, model, strategy, data_version (8 chars),
     test_accuracy, test_macro_f1, decision, created (UTC), run_id."""
     aliases_by_version: dict[str, list[str]] = {}
     for alias, number in registered_model(client, model_name).aliases.items():
         aliases_by_version.setdefault(str(number), []).append(alias)
     rows = [{"version": int(version.version),
              "aliases": ",".join(sorted(aliases_by_version.get(str(version.version), []))),
+             "model": model_label(version.tags.get("model_source", "")),
              "strategy": version.tags.get("strategy", ""),
              "data_version": short_hash(version.tags.get("data_version")),
              "test_accuracy": version.tags.get("test_accuracy"), "test_macro_f1": version.tags.get("test_macro_f1"),
@@ -102,7 +103,7 @@ def list_versions(client: MlflowClient, model_name: str) -> pd.DataFrame:
              "created": pd.Timestamp(version.creation_timestamp, unit="ms", tz="UTC"),
              "run_id": version.tags.get("run_id") or version.run_id or ""}
             for version in client.search_model_versions(f"name='{model_name}'")]
-    columns = ["version", "aliases", "strategy", "data_version", "test_accuracy", "test_macro_f1", "decision",
+    columns = ["version", "aliases", "model", "strategy", "data_version", "test_accuracy", "test_macro_f1", "decision",
                "created", "run_id"]
     frame = pd.DataFrame(rows, columns=columns).sort_values("version", ignore_index=True)
     for column in ("test_accuracy", "test_macro_f1"):
@@ -373,17 +374,20 @@ def champion_rescorer(model_name: str, metric: str, cache_dir: str, batch_size: 
 def record_decision(client: MlflowClient, parent_run_id: str, model_name: str, candidates: list[RegisteredVersion],
                     decision: PromotionDecision) -> None:
     """Sum up the flow run on its parent run and end it as finished: the challenger's test accuracy and macro-F1,
-    each strategy's accuracy (`<strategy>_accuracy`) and the champion's version as metrics; the decision as the
-    `promotion` tag and in its description, with a row per strategy; the champion history as a table artifact."""
+    each branch's accuracy (`<strategy>_accuracy`, or `<model>-<strategy>_accuracy` with several models) and the
+    champion's version as metrics; the decision as the `promotion` tag and in its description, with a row per
+    branch; the champion history as a table artifact."""
     outcome = "promoted" if decision.promoted else "not promoted"
     promotion = f"v{decision.challenger} {outcome}: {decision.reason}"
     challenger = next(item for item in candidates if str(item.version) == str(decision.challenger))
+    models = [item.model for item in candidates]
     champion = champion_number(client, model_name)
     metrics = {"accuracy": challenger.metrics["test_accuracy"], "macro_f1": challenger.metrics["test_macro_f1"],
-               **{f"{item.strategy}_accuracy": item.metrics["test_accuracy"] for item in candidates},
+               **{f"{branch_label(item.model, item.strategy, models)}_accuracy": item.metrics["test_accuracy"]
+                  for item in candidates},
                **({"champion_version": int(champion)} if champion else {})}
     log_values(client, parent_run_id, metrics=metrics)
-    rows = [{"strategy": item.strategy, "version": f"{model_name} v{item.version}",
+    rows = [{"model": item.model, "strategy": item.strategy, "version": f"{model_name} v{item.version}",
              "accuracy": item.metrics["test_accuracy"], "macro_f1": item.metrics["test_macro_f1"],
              "fit_seconds": item.metrics["train_seconds"]} for item in candidates]
     client.set_tag(parent_run_id, "promotion", promotion)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from vitflow.cards import HEADLINE_METRICS
+from vitflow.config import model_label
 from vitflow.data.versioning import short_hash
 from vitflow.errors import VitflowError
 
@@ -19,14 +20,14 @@ FORMATS = ("table", "csv", "md", "html")
 RUN_PARAMS = ("epochs", "lr_backbone", "lr_head", "batch_size")  # under `train.`
 # The comparison's metric columns, and the logged metric each shows.
 RUN_METRICS = {**{name: name for name in HEADLINE_METRICS}, "trainable_params": "model/trainable_params"}
-MARKERS = "osD^v<>pPX"  # one per strategy in the plot, with a colour each
+MARKERS = "osD^v<>pPX"  # one per model in the plot; each strategy has a colour
 
 
 def compare_runs(client: MlflowClient, experiment_name: str, model_name: str,
                  parent_run_id: str | None = None) -> pd.DataFrame:
     """One row per strategy run (nested run) of the experiment, oldest first, or of one flow run when
-    `parent_run_id` is given: strategy, version (registered, when any), champion, the headline metrics and trainable
-    params first, then model, data_version, key train params, duration_s, run_name, run_id and location (the run's
+    `parent_run_id` is given: model, strategy, version (registered, when any), champion, the headline metrics and
+    trainable params first, then data_version, key train params, duration_s, run_name, run_id and location (the run's
     page on a tracking server, or its artifact folder)."""
     from vitflow.tracking import run_location  # MLflow and torch: not for every command that imports this module
 
@@ -43,16 +44,16 @@ def compare_runs(client: MlflowClient, experiment_name: str, model_name: str,
             continue
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         version = version_by_run.get(run.info.run_id) or _number(tags.get("model_version"))
-        rows.append({"strategy": tags.get("strategy", ""), "version": version,
+        rows.append({"model": model_label(tags.get("model_source", "")), "strategy": tags.get("strategy", ""),
+                     "version": version,
                      "champion": version is not None and str(version) == champion,
                      **{column: metrics.get(name) for column, name in RUN_METRICS.items()},
-                     "model": Path(tags.get("model_source", "").rstrip("/")).name,
                      "data_version": short_hash(tags.get("data_version")),
                      **{name: _number(params.get(f"train.{name}")) for name in RUN_PARAMS},
                      "duration_s": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
                      "run_name": run.info.run_name, "run_id": run.info.run_id, "location": run_location(run),
                      "start_time": run.info.start_time})
-    columns = ["strategy", "version", "champion", *RUN_METRICS, "model", "data_version", *RUN_PARAMS, "duration_s",
+    columns = ["model", "strategy", "version", "champion", *RUN_METRICS, "data_version", *RUN_PARAMS, "duration_s",
                "run_name", "run_id", "location"]
     frame = pd.DataFrame(rows, columns=[*columns, "start_time"]).sort_values("start_time", ignore_index=True)
     frame["version"] = frame["version"].astype("Int64")
@@ -95,18 +96,20 @@ def render(frame: pd.DataFrame, fmt: str) -> str:
     raise VitflowError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
-def plot_accuracy_vs_time(frame: pd.DataFrame, path: Path | str) -> Path:
-    """Scatter of test accuracy against training time from `compare_runs`, one colour and marker per
-    strategy, each point labelled with its registered version (or run name); written as PNG to `path`."""
+def accuracy_vs_time_figure(frame: pd.DataFrame):
+    """Scatter of test accuracy against training time from `compare_runs`, a colour per strategy and a marker per
+    model, each point labelled with its registered version (or run name): a matplotlib Figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
     axes = fig.add_subplot()
-    for index, (strategy, runs) in enumerate(frame.groupby("strategy", sort=True)):
-        axes.scatter(runs["fit_seconds"], runs["accuracy"], color=f"C{index % 10}",
-                     marker=MARKERS[index % len(MARKERS)], s=60, label=strategy)
+    strategies, models = sorted(frame["strategy"].unique()), sorted(frame["model"].unique())
+    for (strategy, model), runs in frame.groupby(["strategy", "model"], sort=True):
+        label = strategy if len(models) == 1 else f"{model} {strategy}"
+        axes.scatter(runs["fit_seconds"], runs["accuracy"], color=f"C{strategies.index(strategy) % 10}",
+                     marker=MARKERS[models.index(model) % len(MARKERS)], s=60, label=label)
         for _, run in runs.iterrows():
             label = f"v{run['version']}" if pd.notna(run["version"]) else run["run_name"]
             if run["champion"]:
@@ -115,12 +118,17 @@ def plot_accuracy_vs_time(frame: pd.DataFrame, path: Path | str) -> Path:
                           textcoords="offset points", fontsize=8)
     axes.set_xlabel("training time (s)")
     axes.set_ylabel("test accuracy")
-    axes.set_title("Test accuracy vs training time, per strategy")
+    axes.set_title("Test accuracy vs training time, per strategy" + (" and model" if len(models) > 1 else ""))
     axes.grid(alpha=0.3)
-    axes.legend(title="strategy")
+    axes.legend(title="strategy" if len(models) == 1 else "model, strategy", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_time(frame: pd.DataFrame, path: Path | str) -> Path:
+    """`accuracy_vs_time_figure` written as PNG to `path`."""
     path = Path(path)
-    fig.savefig(path, format="png", dpi=100)
+    accuracy_vs_time_figure(frame).savefig(path, format="png", dpi=100)
     return path
 
 
@@ -138,6 +146,6 @@ def artifact_rows(frame: pd.DataFrame) -> list[dict]:
     for row in table_rows(rounded):
         location = row.pop("location")
         link = f"[{row['run_name']}]({location})" if location.startswith(("http://", "https://")) else location
-        headline = {key: row.pop(key) for key in ("strategy", "version", "champion", *RUN_METRICS)}
+        headline = {key: row.pop(key) for key in ("model", "strategy", "version", "champion", *RUN_METRICS)}
         rows.append({**headline, "mlflow": link, **row})
     return rows

@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.params)
+        if len(config.model.sources) > 1 and args.stage != "foundation":
+            raise VitflowError(f"{args.params}: model.source names {len(config.model.sources)} models; the DVC "
+                               "pipeline trains one: set one there, or run them all with `vitflow run --model a,b`")
         if args.stage in STAGES:
             STAGES[args.stage](config)
         else:

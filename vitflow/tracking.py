@@ -47,7 +47,7 @@ from mlflow.utils.mlflow_tags import (
 
 from vitflow import locks
 from vitflow.cards import HEADLINE_METRICS, model_card, strategy_run_note
-from vitflow.config import MlflowConfig
+from vitflow.config import MlflowConfig, model_label
 from vitflow.data.cache import load_split
 from vitflow.data.versioning import DataVersion, git_state
 from vitflow.errors import ServiceUnreachable
@@ -93,14 +93,20 @@ def experiment_page(ui_url: str, experiment_id: str) -> str:
             "&workflowType=machine_learning")
 
 
-def share_runs_view(client: MlflowClient, experiment_id: str, strategies: list[str]) -> None:
+def branch_label(model: str, strategy: str, models: list[str]) -> str:
+    """What names one (model, strategy) branch of a flow run that trains `models` in its summary metrics: the
+    strategy alone, or `<model>-<strategy>` when there are several models."""
+    return strategy if len(set(models)) == 1 else f"{model}-{strategy}"
+
+
+def share_runs_view(client: MlflowClient, experiment_id: str, branches: list[str]) -> None:
     """Save how `experiment_page` shows the runs (by default the UI shows no metric): newest first; as the first
-    columns, a flow run's summary (its best accuracy and macro-F1, each strategy's accuracy, the champion's version)
+    columns, a flow run's summary (its best accuracy and macro-F1, each branch's accuracy, the champion's version)
     and, for its strategy runs, unfolded, the other headline metrics; then dataset and source.
 
     This is the UI's own record of a shared view, the experiment tag its Share button writes; it cannot unfold runs.
     """
-    metrics = ["accuracy", "macro_f1", *(f"{strategy}_accuracy" for strategy in strategies), "champion_version",
+    metrics = ["accuracy", "macro_f1", *(f"{branch}_accuracy" for branch in branches), "champion_version",
                *(name for name in HEADLINE_METRICS if name not in ("accuracy", "macro_f1"))]
     columns = [*(f"metrics.`{name}`" for name in metrics), "attributes.`Dataset`", "attributes.`Source`"]
     view = {"orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": columns,
@@ -170,6 +176,7 @@ class RegisteredVersion:
     run_id: str
     version: int | str  # as the MLflow store returns it (an int from SQL stores)
     metrics: dict[str, float]  # vitflow's names (test_accuracy, train_seconds, ...), not the logged ones
+    model: str  # the pretrained model's short name (`vitflow.config.model_label`)
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, str]:
@@ -321,15 +328,18 @@ def start_parent_run(client: MlflowClient, experiment_id: str, run_name: str, pa
     return run.info.run_id
 
 
-def start_strategy_run(client: MlflowClient, tracking: TrackingStart, strategy: str, settings: dict, params: dict,
-                       manifest_csv: str, data_version: DataVersion) -> str:
-    """Create strategy `strategy`'s nested run before it trains, with its params (its own `settings`, the model and
-    the preprocessing; the parent run has every setting), tags, dataset and description; returns its id."""
-    note = strategy_run_note(strategy, tracking.tags, {}, "training")
-    run = client.create_run(tracking.experiment_id, run_name=tracking.strategy_run_name(strategy),
-                            tags={**tracking.tags, MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, "strategy": strategy,
+def start_strategy_run(client: MlflowClient, tracking: TrackingStart, model_source: str, strategy: str,
+                       settings: dict, params: dict, manifest_csv: str, data_version: DataVersion) -> str:
+    """Create the nested run of model `model_source` under strategy `strategy` before it trains, with its params (its
+    own `settings`, the model and the preprocessing; the parent run has every setting), tags, dataset and
+    description; returns its id."""
+    model = model_label(model_source)
+    tags = {**tracking.tags, "model_source": model_source, "model": model}
+    note = strategy_run_note(strategy, tags, {}, "training")
+    run = client.create_run(tracking.experiment_id, run_name=tracking.run_name(model, strategy),
+                            tags={**tags, MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, "strategy": strategy,
                                   MLFLOW_RUN_NOTE: note})
-    shared = {section: params[section] for section in ("model", "preprocess")}
+    shared = {"model": {**params["model"], "source": model_source}, "preprocess": params["preprocess"]}
     log_values(client, run.info.run_id, params={**flatten({**shared, "train": settings}), "strategy": strategy})
     log_dataset(client, run.info.run_id, manifest_csv, data_version)
     return run.info.run_id
@@ -344,6 +354,7 @@ def log_strategy_run(client: MlflowClient, tracking: TrackingStart, run_id: str,
     the run notes the version it reuses (`model_version`).
     """
     log_values(client, run_id, metrics=run_metrics(evaluation, train))
+    model = client.get_run(run_id).data.tags
     for path in [*evaluation.artifacts, manifest_csv]:
         client.log_artifact(run_id, path)
     key = training_key(train.model_dir)
@@ -354,7 +365,7 @@ def log_strategy_run(client: MlflowClient, tracking: TrackingStart, run_id: str,
         model_info = log_pyfunc_model(run_id, "model", train.model_dir, {"precision": "fp32"}, input_example(cache_dir))
         sidecar = read_sidecar(train.model_dir)
         version_tags = {"strategy": train.strategy, "data_version": tracking.tags["data_version"],
-                        "model_source": tracking.tags["model_source"], "labels": json.dumps(sidecar["labels"]),
+                        "model_source": model["model_source"], "labels": json.dumps(sidecar["labels"]),
                         "image_size": str(sidecar["data_config"]["image_size"]), "training_key": key,
                         **{name: f"{evaluation.metrics[name]:.6g}" for name in ("test_accuracy", "test_macro_f1")}}
         version = register(client, model_name, model_info, version_tags)
@@ -362,7 +373,7 @@ def log_strategy_run(client: MlflowClient, tracking: TrackingStart, run_id: str,
     metrics = {**evaluation.metrics, "best_epoch": train.best_epoch, "trainable_params": train.trainable_params,
                "total_params": train.total_params, "train_seconds": train.train_seconds,
                "train_images_per_second": train.images_per_second, "peak_rss_mb": train.peak_rss_mb}
-    return RegisteredVersion(train.strategy, run_id, version.version, metrics)
+    return RegisteredVersion(train.strategy, run_id, version.version, metrics, model["model"])
 
 
 def register(client: MlflowClient, model_name: str, model_info, tags: dict[str, str]):
@@ -473,11 +484,11 @@ class TrackingStart:
     parent_run_id: str
     same_as_run: str | None  # set when an earlier finished run had the same data, params and code
     tags: dict[str, str]  # data and code version, model source, who runs it
-    name: str  # "<model>-{strategy}-<data version>"
+    name: str  # "{model}-{strategy}-<data version>"
     closed: list[ClosedRun]  # abandoned runs this start closed
 
-    def strategy_run_name(self, strategy: str) -> str:
-        return self.name.format(strategy=strategy)
+    def run_name(self, model: str, strategy: str) -> str:
+        return self.name.format(model=model, strategy=strategy)
 
 
 def current_user() -> str:
@@ -498,8 +509,8 @@ def run_tags(data_version: DataVersion, model_source: str, owner: str) -> dict[s
             MLFLOW_SOURCE_NAME: str(PROJECT_ROOT / "flows" / "retrain.py")}
 
 
-def start_tracking(settings: MlflowConfig, params: dict, data_version: DataVersion, model_source: str, force: bool,
-                   owner: str) -> TrackingStart:
+def start_tracking(settings: MlflowConfig, params: dict, data_version: DataVersion, model_sources: list[str],
+                   force: bool, owner: str) -> TrackingStart:
     """Create the parent run, or, when data, params and code match a finished run and not `force`,
     a finished run that records there was nothing to do. Only parent runs carry `run_fingerprint`.
 
@@ -510,9 +521,9 @@ def start_tracking(settings: MlflowConfig, params: dict, data_version: DataVersi
     fingerprint = run_fingerprint(data_version.hash, params)
     locks.acquire(work_dir() / "locks" / f"{fingerprint}.lock", owner, settings.lock_wait_minutes * 60,
                   "a run with the same data, params and code")
-    model_short = Path(model_source.rstrip("/")).name
-    run_name = f"retrain-{model_short}-{data_version.short}"
-    tags = run_tags(data_version, model_source, owner)
+    models = [model_label(source) for source in model_sources]
+    run_name = f"retrain-{'+'.join(models)}-{data_version.short}"
+    tags = run_tags(data_version, ", ".join(model_sources), owner)
     parent_tags = {**tags, "run_fingerprint": fingerprint}
     with tracking_server_errors():
         client = configure_mlflow()
@@ -520,10 +531,12 @@ def start_tracking(settings: MlflowConfig, params: dict, data_version: DataVersi
         closed = close_abandoned_runs(client, experiment_id, settings.stale_run_hours)
         previous = None if force else find_finished_run(client, experiment_id, fingerprint)
         if previous is None:
-            strategies = ", ".join(params["train"]["strategies"])
-            note = f"Retraining `{model_short}` on data `{data_version.short}`: {strategies}."
+            strategies = params["train"]["strategies"]
+            note = (f"Retraining {', '.join(f'`{model}`' for model in models)} on data `{data_version.short}`: "
+                    f"{', '.join(strategies)}.")
             run_id = start_parent_run(client, experiment_id, run_name, params, {**parent_tags, MLFLOW_RUN_NOTE: note})
-            share_runs_view(client, experiment_id, params["train"]["strategies"])
+            share_runs_view(client, experiment_id,
+                            [branch_label(model, strategy, models) for model in models for strategy in strategies])
         else:
             note = f"Nothing to do: data, params and code match run `{previous}`."
             run = client.create_run(experiment_id, run_name=f"{run_name}-nothing-to-do",
@@ -531,7 +544,7 @@ def start_tracking(settings: MlflowConfig, params: dict, data_version: DataVersi
                                           MLFLOW_RUN_NOTE: note})
             client.set_terminated(run.info.run_id)
             run_id = run.info.run_id
-    return TrackingStart(experiment_id, run_id, previous, tags, f"{model_short}-{{strategy}}-{data_version.short}",
+    return TrackingStart(experiment_id, run_id, previous, tags, f"{{model}}-{{strategy}}-{data_version.short}",
                          closed)
 
 

@@ -83,7 +83,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"nothing to do: data, params and code match finished run {summary['same_as_run']} "
               f"(recorded as run {summary['parent_run_id']}); pass --force to retrain anyway")
         return 0
-    rows = [{"strategy": item.strategy, "version": item.version, "accuracy": item.metrics["test_accuracy"],
+    rows = [{"model": item.model, "strategy": item.strategy, "version": item.version,
+             "accuracy": item.metrics["test_accuracy"],
              "macro_f1": item.metrics["test_macro_f1"], "best_epoch": int(item.metrics["best_epoch"]),
              "fit_s": item.metrics["train_seconds"], "latency_ms": item.metrics["latency_ms_per_image"],
              "trainable_params": int(item.metrics["trainable_params"]),

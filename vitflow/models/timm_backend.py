@@ -83,6 +83,9 @@ def load(model_name: str, labels: list[str] | None, source: str, image_size: int
         kwargs["img_size"] = image_size
     try:
         model = timm.create_model(model_id, pretrained=True, **kwargs)
+    except AssertionError:  # timm checks that its patches tile the input
+        raise VitflowError(f"timm model {model_name!r}: cannot run at {image_size} px; set preprocess.image_size to "
+                           "a size its patches (and stem) divide, or to null for the model's own size") from None
     except (RuntimeError, OSError, ValueError) as error:
         raise VitflowError(f"timm model {model_name!r}: cannot load it ({first_line(error)}); pass a local timm "
                            "checkpoint directory, or make the Hugging Face hub or its cache reachable") from None
