@@ -26,15 +26,22 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noq
 
 from benchmarks.machine import machine  # noqa: E402
 from flows.retrain import retrain  # noqa: E402
-from vitflow.training.strategies import STRATEGIES  # noqa: E402
 
 
-def stage_seconds(flow_run_id) -> pd.Series:
-    """Seconds per task name (summed over strategies) for one flow run, from Prefect's API."""
+def stage_seconds(flow_run_id, result: dict) -> pd.Series:
+    """Seconds per task (summed over branches) for one flow run, from Prefect's API. Task runs are named
+    `<task>-<model>-<strategy>`, `<task>-<model>` or, by Prefect, `<task>-<3 hex digits>`."""
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    branches = set(STRATEGIES)  # a strategy's branch task runs the others: counting it would count them twice
-    frame = pd.DataFrame([{"stage": run.name.rsplit("-", 1)[0], "seconds": run.total_run_time.total_seconds()}
+    branches = {f"{item.model}-{item.strategy}" for item in result["registered"]}
+    suffixes = sorted(branches | {item.model for item in result["registered"]}, key=len, reverse=True)
+
+    def stage(name: str) -> str:
+        suffix = next((suffix for suffix in suffixes if name.endswith(f"-{suffix}")), name.rsplit("-", 1)[-1])
+        return name.removesuffix(f"-{suffix}")
+
+    # a branch's own task run runs the others: counting it would count them twice
+    frame = pd.DataFrame([{"stage": stage(run.name), "seconds": run.total_run_time.total_seconds()}
                           for run in runs if run.name not in branches])
     return frame.groupby("stage", sort=False)["seconds"].sum()
 
@@ -43,7 +50,8 @@ def timed_run(overrides: list[str], force: bool) -> tuple[dict, pd.Series, float
     start = time.perf_counter()
     state = retrain(overrides=overrides, force=force, return_state=True)
     seconds = time.perf_counter() - start
-    return state.result(), stage_seconds(state.state_details.flow_run_id), seconds
+    result = state.result()
+    return result, stage_seconds(state.state_details.flow_run_id, result), seconds
 
 
 def main() -> None:

@@ -82,24 +82,28 @@ def test_bf16_trains_under_autocast_and_saves_fp32_weights(cache, tiny_hf_model,
 # --------------------------------------------------------------------------- best epoch, early stopping
 
 
-def test_early_stopping_saves_the_best_epoch(cache, tiny_hf_model, tmp_path, monkeypatch):
-    accuracies = iter([0.5, 0.8, 0.6, 0.7, 0.9])
+@pytest.mark.parametrize("best_by, best_epoch", [("val_accuracy", 2), ("val_loss", 3)])
+def test_early_stopping_saves_the_best_epoch(best_by, best_epoch, cache, tiny_hf_model, tmp_path, monkeypatch):
+    scores = iter([(0.5, 0.9), (0.8, 0.7), (0.6, 0.5), (0.7, 0.6), (0.9, 0.65), (0.9, 0.4)])  # (accuracy, loss)
     snapshots = []
 
     def scripted_validate(model, val, batch_size, accelerator):
         snapshots.append(weights(model))
-        return {"val_loss": 1.0, "val_accuracy": next(accuracies)}
+        accuracy, loss = next(scores)
+        return {"val_loss": loss, "val_accuracy": accuracy}
 
     monkeypatch.setattr(loop, "validate", scripted_validate)
     model = load_model(str(tiny_hf_model), LABELS)
     result = fine_tune(model, load_split(cache, "train"), load_split(cache, "val"),
-                       resolve(settings(epochs=5, early_stopping_patience=2), "full"), tmp_path, progress=False)
+                       resolve(settings(epochs=6, early_stopping_patience=2, best_by=best_by), "full"), tmp_path,
+                       progress=False)
 
-    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]  # two epochs without a better one: stop
-    assert result.best_epoch == 2 and result.stopped_early
+    # two epochs without a better one: stop
+    assert [row["epoch"] for row in result.history] == list(range(1, best_epoch + 3))
+    assert result.best_epoch == best_epoch and result.stopped_early
     saved = load_model(result.model_dir).state_dict()
-    assert all(torch.equal(saved[name], value) for name, value in snapshots[1].items())  # epoch 2's weights
-    assert not all(torch.equal(saved[name], value) for name, value in snapshots[3].items())
+    assert all(torch.equal(saved[name], value) for name, value in snapshots[best_epoch - 1].items())
+    assert not all(torch.equal(saved[name], value) for name, value in snapshots[-1].items())
 
 
 # --------------------------------------------------------------------------- resume

@@ -75,8 +75,8 @@ def build_registry(client: MlflowClient, tmp_path, versions: list[tuple[str, str
             (tmp_path / f"model-{index}").mkdir()
             client.create_model_version(name, source=(tmp_path / f"model-{index}").as_uri(), run_id=run_id, tags={
                 "strategy": strategy, "data_version": data_version, "run_id": run_id,
-                "model_source": "/models/tiny-vit/", "test_accuracy": f"{accuracy:.6g}", "test_macro_f1": f"{accuracy - 0.05:.6g}",
-                "decision": "not selected"})
+                "model_source": "/models/tiny-vit/", "test_accuracy": f"{accuracy:.6g}",
+                "test_macro_f1": f"{accuracy - 0.05:.6g}", "decision": "not selected"})
             run_ids.append(run_id)
     client.set_terminated(parent_id)
     return {"name": name, "parent_id": parent_id, "run_ids": run_ids}

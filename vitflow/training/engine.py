@@ -108,6 +108,7 @@ def parameter_groups(model: ImageClassifier, settings: TrainConfig) -> list[dict
 class Progress:
     """Where a training stands after an epoch: its history and its best epoch so far."""
 
+    best_by: str = "val_loss"  # `train.best_by`
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -117,15 +118,21 @@ class Progress:
         return len(self.history)
 
     def record(self, row: dict, model: torch.nn.Module) -> bool:
-        """Add an epoch's row; True when it is the best yet (val accuracy, then val loss), whose trainable
-        weights are kept (on the CPU) to be restored at the end."""
+        """Add an epoch's row; True when it is the best yet (by `best_by`), whose trainable weights are kept (on
+        the CPU) to be restored at the end."""
         self.history.append(row)
         best = self.history[self.best_epoch - 1] if self.best_epoch else None
-        if best is None or (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"]):
+        if best is None or self.score(row) > self.score(best):
             self.best_epoch = row["epoch"]
             self.best_weights = trainable_state(model)
             return True
         return False
+
+    def score(self, row: dict) -> tuple[float, ...]:
+        """Higher is better: the val loss, lowest first, or the val accuracy with ties broken by the loss."""
+        if self.best_by == "val_loss":
+            return (-row["val_loss"],)
+        return row["val_accuracy"], -row["val_loss"]
 
     def epochs_since_best(self) -> int:
         return self.epoch - self.best_epoch
@@ -170,18 +177,18 @@ class Checkpoint:
             staging.rename(self.directory)
         accelerator.wait_for_everyone()
 
-    def resume(self, accelerator: Accelerator, model: torch.nn.Module) -> Progress:
-        """The progress of the checkpoint, with its state loaded; a fresh Progress when there is none or it
-        trained other parameters (then it is removed)."""
+    def resume(self, accelerator: Accelerator, model: torch.nn.Module, best_by: str) -> Progress:
+        """The progress of the checkpoint, with its state loaded; a fresh Progress (choosing its best epoch by
+        `best_by`) when there is none or it trained other parameters (then it is removed)."""
         saved = self.directory / "progress.json" if self.directory else None
         if saved is None or not saved.is_file():
-            return Progress()
+            return Progress(best_by)
         meta = json.loads(saved.read_text())
         if meta["trainable"] != sorted(trainable_state(model)):
             shutil.rmtree(self.directory, ignore_errors=True)
-            return Progress()
+            return Progress(best_by)
         accelerator.load_state(str(self.directory))
-        progress = Progress(meta["history"], meta["best_epoch"])
+        progress = Progress(best_by, meta["history"], meta["best_epoch"])
         progress.best_weights = load_file(self.directory / "best.safetensors")
         return progress
 

@@ -59,7 +59,7 @@ class TrainResult:
     settings: dict  # what it trained with: `ResolvedStrategy.as_dict()`
     model_dir: str
     history: list[dict]  # one row per epoch: epoch, train_loss, val_loss, val_accuracy
-    best_epoch: int  # the epoch whose weights were saved (best val accuracy, then val loss)
+    best_epoch: int  # the epoch whose weights were saved (the best by `train.best_by`)
     stopped_early: bool  # train.early_stopping_patience ended it before train.epochs
     device: str
     precision: str
@@ -142,7 +142,7 @@ def fine_tune(model: ImageClassifier, train: SplitTensors, val: SplitTensors, re
 def train_end_to_end(model: ImageClassifier, train: SplitTensors, val: SplitTensors, settings: TrainConfig,
                      options, run: FitRun) -> tuple[Progress, int]:
     """AdamW on the trainable parameters (`parameter_groups`), warm-up then cosine (transformers' schedule),
-    batches streamed from the cache, early stopping on val accuracy; the best epoch's weights restored."""
+    batches streamed from the cache, early stopping by `train.best_by`; the best epoch's weights restored."""
     accelerator = run.accelerator
     loader, order = training_batches(model, train, settings, accelerator.device)
     optimizer = torch.optim.AdamW(parameter_groups(model, settings))
@@ -151,7 +151,7 @@ def train_end_to_end(model: ImageClassifier, train: SplitTensors, val: SplitTens
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(updates * settings.warmup_ratio), updates)
     accelerator.register_for_checkpointing(scheduler)
     base_lr = scheduler.base_lrs[0]
-    state = run.checkpoint.resume(accelerator, model)
+    state = run.checkpoint.resume(accelerator, model, settings.best_by)
     for epoch in range(state.epoch + 1, settings.epochs + 1):
         if should_stop(state, settings):
             break

@@ -42,7 +42,7 @@ class FeatureExtraction(Strategy):
         optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr_head, weight_decay=settings.weight_decay)
         updates = math.ceil(len(train.labels) / settings.batch_size) * settings.epochs
         scheduler = get_cosine_schedule_with_warmup(optimizer, round(updates * settings.warmup_ratio), updates)
-        state = Progress()
+        state = Progress(settings.best_by)
         for epoch in range(1, settings.epochs + 1):
             patience = settings.early_stopping_patience
             if patience is not None and state.epoch and state.epochs_since_best() >= patience:
