@@ -62,6 +62,7 @@ def train_with_trainer(manifest_csv: str, image_size: int, precision: str, epoch
 
     from vitflow.config import load_config
     from vitflow.paths import project_path
+    from vitflow.training.engine import loader_workers
 
     config = load_config()
     settings, root = config.train, project_path(config.data.path)
@@ -101,7 +102,7 @@ def train_with_trainer(manifest_csv: str, image_size: int, precision: str, epoch
             warmup_steps=settings.warmup_ratio, weight_decay=settings.weight_decay,
             max_grad_norm=settings.max_grad_norm or 0.0, seed=settings.seed, bf16=precision == "bf16", use_cpu=True,
             eval_strategy="epoch", save_strategy="no", logging_strategy="epoch", report_to=[], disable_tqdm=True,
-            dataloader_num_workers=settings.loader_workers)
+            dataloader_num_workers=loader_workers(settings, torch.device("cpu")))  # as many as vitflow's
         trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, compute_metrics=accuracy,
                           optimizers=(optimizer, None))
         load_before, cpu_before, start = load_average(), cpu_seconds(), time.perf_counter()

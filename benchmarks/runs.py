@@ -83,6 +83,7 @@ def train_full(cache_dir: Path | str, overrides: list[str], model_source: str | 
     from vitflow.data.cache import load_labels, load_split
     from vitflow.evaluation import evaluate_model
     from vitflow.models import load_pretrained
+    from vitflow.training.engine import loader_workers
     from vitflow.training.loop import fine_tune
     from vitflow.training.strategies import resolve
 
@@ -103,7 +104,8 @@ def train_full(cache_dir: Path | str, overrides: list[str], model_source: str | 
     own_rss, worker_rss = peak_rss_mb()
     return {"precision": result.precision, "device": result.device, "train_images": len(train.labels),
             "epochs": len(result.history), "batch_size": resolved.settings.batch_size,
-            "loader_workers": resolved.settings.loader_workers, "train_s": seconds, "images_per_s": images / seconds,
+            "loader_workers": loader_workers(resolved.settings, torch.device(result.device)), "train_s": seconds,
+            "images_per_s": images / seconds,
             "cpu_s": cpu, "threads": torch.get_num_threads(),
             "test_accuracy": accuracy, "best_epoch": result.best_epoch,
             "val_accuracy": result.history[result.best_epoch - 1]["val_accuracy"],

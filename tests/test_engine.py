@@ -67,6 +67,14 @@ def test_an_unavailable_device_is_one_line_naming_the_setting():
         resolve_device("cuda")
 
 
+def test_loader_workers_default_to_none_on_a_cpu_and_some_beside_a_gpu():
+    from vitflow.training.engine import loader_workers
+
+    assert loader_workers(settings(loader_workers=None), torch.device("cpu")) == 0
+    assert 1 <= loader_workers(settings(loader_workers=None), torch.device("cuda")) <= 4
+    assert loader_workers(settings(loader_workers=3), torch.device("cpu")) == 3  # an explicit value is kept
+
+
 def test_bf16_trains_under_autocast_and_saves_fp32_weights(cache, tiny_hf_model, tmp_path):
     model = load_model(str(tiny_hf_model), LABELS)
     result = fine_tune(model, load_split(cache, "train"), load_split(cache, "val"),

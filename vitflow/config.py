@@ -91,7 +91,7 @@ class TrainConfig(BaseModel):
     layer_decay: float = Field(default=1.0, gt=0, le=1)  # backbone lr x this per block below the top
     best_by: Literal["val_loss", "val_accuracy"] = "val_loss"  # what makes an epoch the best, to save and to wait for
     early_stopping_patience: int | None = Field(default=None, ge=1)  # epochs without a better one
-    loader_workers: int = Field(default=1, ge=0)  # processes reading and augmenting training batches
+    loader_workers: int | None = Field(default=None, ge=0)  # processes augmenting batches; None: see the engine
 
     def strategy_section(self, strategy: str) -> dict[str, Any]:
         """The `train.<strategy>` section as written (empty when absent)."""
