@@ -76,8 +76,8 @@ def branch_task(branch: ModelBranch, strategy: str) -> RegisteredVersion:
                                               config.train, run_id)
         evaluation = named(evaluate_task, name)(trained.model_dir, branch.cache_dir, config.evaluate.batch_size,
                                                 config.train.device, trained.history)
-        version = named(log_strategy_task, name)(branch.tracking, run_id, trained, evaluation, branch.manifest_csv,
-                                                 branch.cache_dir, branch.model_name)
+        version = named(log_strategy_task, name)(branch.tracking, run_id, branch.model.source, trained, evaluation,
+                                                 branch.manifest_csv, branch.cache_dir, branch.model_name)
         named(rollout_task, name)(trained.model_dir, branch.cache_dir, version.run_id, config.explain,
                                   config.train.device)
         exports = named(export_task, name)(trained.model_dir, branch.cache_dir, config.export,

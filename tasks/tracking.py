@@ -46,11 +46,11 @@ def start_strategy_task(tracking: TrackingStart, model_source: str, strategy: st
 
 
 @tracking_task(name="log-and-register")
-def log_strategy_task(tracking: TrackingStart, run_id: str, train: TrainResult, evaluation: EvalResult,
-                      manifest_csv: str, cache_dir: str, model_name: str) -> RegisteredVersion:
+def log_strategy_task(tracking: TrackingStart, run_id: str, model_source: str, train: TrainResult,
+                      evaluation: EvalResult, manifest_csv: str, cache_dir: str, model_name: str) -> RegisteredVersion:
     with tracking_server_errors():
-        return log_strategy_run(configure_mlflow(), tracking, run_id, train, evaluation, manifest_csv, cache_dir,
-                                model_name)
+        return log_strategy_run(configure_mlflow(), tracking, run_id, model_source, train, evaluation, manifest_csv,
+                                cache_dir, model_name)
 
 
 @tracking_task(name="log-exports")

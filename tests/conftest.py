@@ -150,6 +150,28 @@ def pneumonia_folder(session_dir) -> Path:
     return write_pneumonia_folder(session_dir / "pneumonia", {"train": 60, "val": 20, "test": 30})
 
 
+def preprocess_folder(folder: Path, model_dir: Path, cache_dir: Path):
+    """Every image of a <split>/<class>/ folder preprocessed for the model in `model_dir`: (the cache directory,
+    the manifest rows, the model's data config)."""
+    import pandas as pd
+
+    from vitflow.data.cache import preprocess_dataset
+    from vitflow.models import load_model
+
+    rows = [{"path": str(path.relative_to(folder)), "label": path.parent.name, "split": path.parts[-3],
+             "checksum": "", "status": "ok"} for path in sorted(folder.rglob("*.png"))]
+    labels = sorted({row["label"] for row in rows})
+    config = load_model(str(model_dir), labels).data_config
+    cache = preprocess_dataset(pd.DataFrame(rows), folder, config, labels, cache_dir, workers=0, progress=False)
+    return cache, rows, config
+
+
+@pytest.fixture(scope="session")
+def pneumonia_cache(pneumonia_folder, tiny_hf_model, session_dir) -> Path:
+    """`pneumonia_folder` preprocessed for `tiny_hf_model`, shared: tests only read it."""
+    return preprocess_folder(pneumonia_folder, tiny_hf_model, session_dir / "pneumonia-cache")[0]
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> str:
     """A `prefect server start` of the session's own, on a free loopback port; its API URL."""

@@ -1,12 +1,11 @@
 """The training engine: device and precision, early stopping to the best epoch, resume after a kill,
 gradient accumulation, layer-wise learning rates."""
 
-import pandas as pd
 import pytest
 import torch
 
 from vitflow.config import ModelConfig, TrainConfig
-from vitflow.data.cache import SplitTensors, load_split, preprocess_dataset
+from vitflow.data.cache import SplitTensors, load_split
 from vitflow.devices import cpu_has_fast_bf16, resolve_device, resolve_precision
 from vitflow.errors import VitflowError
 from vitflow.models import load_model
@@ -25,12 +24,8 @@ def settings(**changes) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def cache(pneumonia_folder, tiny_hf_model, tmp_path_factory):
-    rows = [{"path": str(path.relative_to(pneumonia_folder)), "label": path.parent.name, "split": path.parts[-3],
-             "checksum": "", "status": "ok"} for path in sorted(pneumonia_folder.rglob("*.png"))]
-    config = load_model(str(tiny_hf_model), LABELS).data_config
-    return preprocess_dataset(pd.DataFrame(rows), pneumonia_folder, config, LABELS,
-                              tmp_path_factory.mktemp("cache") / "data", workers=0, progress=False)
+def cache(pneumonia_cache):
+    return pneumonia_cache
 
 
 def weights(model) -> dict[str, torch.Tensor]:

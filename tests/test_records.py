@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import preprocess_folder
 from mlflow.tracking import MlflowClient
 
 from vitflow import locks
@@ -159,11 +160,8 @@ def test_a_strategy_run_that_fails_while_training_ends_failed_with_what_it_logge
 
 @pytest.fixture(scope="module")
 def cache(pneumonia_folder, tiny_hf_model, tmp_path_factory):
-    rows = [{"path": str(path.relative_to(pneumonia_folder)), "label": path.parent.name, "split": path.parts[-3],
-             "checksum": "", "status": "ok"} for path in sorted(pneumonia_folder.rglob("*.png"))]
-    config = load_model(str(tiny_hf_model), LABELS).data_config
-    return preprocess_dataset(pd.DataFrame(rows), pneumonia_folder, config, LABELS,
-                              tmp_path_factory.mktemp("cache") / "data", workers=0, progress=False), rows, config
+    """A cache of its own (these tests damage it), with the manifest rows and data config it was built from."""
+    return preprocess_folder(pneumonia_folder, tiny_hf_model, tmp_path_factory.mktemp("cache") / "data")
 
 
 def same_cache(one: Path, other: Path) -> bool:

@@ -11,10 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from vitflow.cards import HEADLINE_METRICS
 from vitflow.config import ModelConfig, TrainConfig
-from vitflow.data.cache import preprocess_dataset
 from vitflow.data.versioning import DataVersion
 from vitflow.evaluation import EvalResult
-from vitflow.models import load_model
 from vitflow.tracking import (
     EXPERIMENT_KIND,
     LiveMetrics,
@@ -43,12 +41,8 @@ def experiment_id(client) -> str:
 
 
 @pytest.fixture(scope="module")
-def cache(pneumonia_folder, tiny_hf_model, tmp_path_factory):
-    rows = [{"path": str(path.relative_to(pneumonia_folder)), "label": path.parent.name, "split": path.parts[-3],
-             "checksum": "", "status": "ok"} for path in sorted(pneumonia_folder.rglob("*.png"))]
-    config = load_model(str(tiny_hf_model), LABELS).data_config
-    return preprocess_dataset(pd.DataFrame(rows), pneumonia_folder, config, LABELS,
-                              tmp_path_factory.mktemp("cache") / "data", workers=0, progress=False)
+def cache(pneumonia_cache):
+    return pneumonia_cache
 
 
 class Watched(LiveMetrics):

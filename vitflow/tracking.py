@@ -345,16 +345,15 @@ def start_strategy_run(client: MlflowClient, tracking: TrackingStart, model_sour
     return run.info.run_id
 
 
-def log_strategy_run(client: MlflowClient, tracking: TrackingStart, run_id: str, train: TrainResult,
+def log_strategy_run(client: MlflowClient, tracking: TrackingStart, run_id: str, model_source: str, train: TrainResult,
                      evaluation: EvalResult, manifest_csv: str, cache_dir: str, model_name: str) -> RegisteredVersion:
     """The strategy run's test metrics, reports, manifest and model (with an example request from the cache's test
-    split), registered as a version of `model_name` with a model card.
+    split), registered as a version of `model_name` with a model card; `model_source` is what it fine-tuned.
 
     A training already registered (the same `training_key`: data, settings and code) is not registered again:
     the run notes the version it reuses (`model_version`).
     """
     log_values(client, run_id, metrics=run_metrics(evaluation, train))
-    model = client.get_run(run_id).data.tags
     for path in [*evaluation.artifacts, manifest_csv]:
         client.log_artifact(run_id, path)
     key = training_key(train.model_dir)
@@ -365,7 +364,7 @@ def log_strategy_run(client: MlflowClient, tracking: TrackingStart, run_id: str,
         model_info = log_pyfunc_model(run_id, "model", train.model_dir, {"precision": "fp32"}, input_example(cache_dir))
         sidecar = read_sidecar(train.model_dir)
         version_tags = {"strategy": train.strategy, "data_version": tracking.tags["data_version"],
-                        "model_source": model["model_source"], "labels": json.dumps(sidecar["labels"]),
+                        "model_source": model_source, "labels": json.dumps(sidecar["labels"]),
                         "image_size": str(sidecar["data_config"]["image_size"]), "training_key": key,
                         **{name: f"{evaluation.metrics[name]:.6g}" for name in ("test_accuracy", "test_macro_f1")}}
         version = register(client, model_name, model_info, version_tags)
@@ -373,7 +372,7 @@ def log_strategy_run(client: MlflowClient, tracking: TrackingStart, run_id: str,
     metrics = {**evaluation.metrics, "best_epoch": train.best_epoch, "trainable_params": train.trainable_params,
                "total_params": train.total_params, "train_seconds": train.train_seconds,
                "train_images_per_second": train.images_per_second, "peak_rss_mb": train.peak_rss_mb}
-    return RegisteredVersion(train.strategy, run_id, version.version, metrics, model["model"])
+    return RegisteredVersion(train.strategy, run_id, version.version, metrics, model_label(model_source))
 
 
 def register(client: MlflowClient, model_name: str, model_info, tags: dict[str, str]):
