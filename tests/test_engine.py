@@ -6,7 +6,7 @@ import torch
 
 from vitflow.config import ModelConfig, TrainConfig
 from vitflow.data.cache import SplitTensors, load_split
-from vitflow.devices import cpu_has_fast_bf16, resolve_device, resolve_precision
+from vitflow.devices import cpu_has_fast_bf16, resolve_attention, resolve_device, resolve_precision
 from vitflow.errors import VitflowError
 from vitflow.models import load_model
 from vitflow.training import loop
@@ -46,6 +46,28 @@ def test_auto_precision_is_bf16_only_where_the_hardware_runs_it_fast():
         resolve_precision("fp16", cpu)
 
 
+def test_auto_attention_is_eager_only_for_bf16_on_a_cpu():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_attention("auto", cpu, "bf16") == "eager"
+    assert resolve_attention("auto", cpu, "fp32") == "sdpa"
+    assert resolve_attention("auto", cuda, "bf16") == "sdpa"
+    assert resolve_attention("sdpa", cpu, "bf16") == "sdpa"  # an explicit value is kept
+    assert resolve_attention("eager", cuda, "fp16") == "eager"
+
+
+@pytest.mark.parametrize("fixture", ["tiny_hf_model", "tiny_timm_model"])
+def test_both_attention_kernels_compute_the_same_and_the_model_gets_its_own_back(fixture, request):
+    model = load_model(str(request.getfixturevalue(fixture)), LABELS).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = model(pixels)
+        assert model.set_attention("eager") == "sdpa"
+        plain = model(pixels)
+        assert model.set_attention("sdpa") == "eager"
+    torch.testing.assert_close(plain, fused, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model(pixels).detach(), fused)
+
+
 def test_fast_bf16_is_read_from_the_cpu_flags(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
@@ -74,7 +96,8 @@ def test_bf16_trains_under_autocast_and_saves_fp32_weights(cache, tiny_hf_model,
     model = load_model(str(tiny_hf_model), LABELS)
     result = fine_tune(model, load_split(cache, "train"), load_split(cache, "val"),
                        resolve(settings(precision="bf16", epochs=1), "full"), tmp_path, progress=False)
-    assert (result.device, result.precision) == ("cpu", "bf16")
+    assert (result.device, result.precision, result.attention) == ("cpu", "bf16", "eager")
+    assert model.model.config._attn_implementation == "sdpa"  # trained with eager, handed back with its own
     saved = load_model(result.model_dir)
     assert {p.dtype for p in saved.parameters()} == {torch.float32}
     pixels = torch.randn(2, 3, 32, 32)

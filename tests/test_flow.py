@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.models import get_model_info
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
@@ -13,6 +14,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from flows.retrain import retrain
 from vitflow.cards import HEADLINE_METRICS
 from vitflow.cli import main
+from vitflow.devices import resolve_attention, resolve_precision
 from vitflow.loading import resolve_runner
 from vitflow.serving import load_logged_model
 from vitflow.tracking import tracking_uri
@@ -49,6 +51,9 @@ def test_retrain_logs_registers_and_promotes_by_the_rule(base_overrides, pneumon
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == epochs
         assert len(client.get_metric_history(run.info.run_id, "val/accuracy")) == epochs
         assert run.info.status == "FINISHED" and run.data.tags["training"] == "trained"
+        precision = run.data.tags["train_precision"]  # what train.precision=auto resolved to on this CPU
+        assert run.data.tags["train_device"] == "cpu" and precision == resolve_precision("auto", torch.device("cpu"))
+        assert run.data.tags["train_attention"] == resolve_attention("auto", torch.device("cpu"), precision)
         assert "system/cpu_utilization_percentage" in run.data.metrics
         own = [name for name in sorted(run.data.metrics) if not name.startswith("explain_")]  # tasks/explain.py's
         assert own[:len(HEADLINE_METRICS)] == sorted(HEADLINE_METRICS)

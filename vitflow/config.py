@@ -85,6 +85,7 @@ class TrainConfig(BaseModel):
     crop_scale_min: float = Field(gt=0, le=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware runs it fast
+    attention: Literal["auto", "sdpa", "eager"] = "auto"  # the attention kernel training uses; see vitflow.devices
     grad_accumulation: int = Field(default=1, ge=1)  # batches per optimizer step
     max_grad_norm: float | None = Field(default=1.0, gt=0)  # clip gradients to this norm; null: no clipping
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)

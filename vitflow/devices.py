@@ -3,6 +3,9 @@
 auto device: a CUDA GPU, else Apple's MPS, else the CPU. auto precision: bf16 where the hardware runs it
 fast (CUDA GPUs with bf16; CPUs with AMX or AVX512-BF16), else fp16 with loss scaling on older CUDA GPUs,
 else fp32. Training, evaluation, rollout, the export checks and `predict` all run on the chosen device.
+
+`train.attention`, the attention kernel training uses: auto is PyTorch's fused `scaled_dot_product_attention`
+(sdpa) except in bf16 on a CPU, where its backward pass is slower than the plain matmul + softmax (eager).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from vitflow.errors import VitflowError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ATTENTION_KERNELS = ("auto", "sdpa", "eager")
 FAST_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
@@ -57,3 +61,17 @@ def resolve_precision(setting: str, device: torch.device, fast_bf16_cpu: bool | 
     if device.type == "cpu" and (cpu_has_fast_bf16() if fast_bf16_cpu is None else fast_bf16_cpu):
         return "bf16"
     return "fp32"
+
+
+def resolve_attention(setting: str, device: torch.device, precision: str) -> str:
+    """sdpa or eager for `setting` when training on `device` in `precision`.
+
+    auto: eager for bf16 on a CPU. There PyTorch's fused attention backward took 0.33 s of a 0.75 s step (ViT-S/14,
+    168 px, batch 16, torch 2.15 on a 2-core Xeon with AMX), eager's matmuls 0.13 s: the step falls to 0.55 s.
+    In fp32 and on GPUs the fused kernel is the faster one.
+    """
+    if setting not in ATTENTION_KERNELS:
+        raise VitflowError(f"train.attention={setting!r}: unknown kernel; use one of {', '.join(ATTENTION_KERNELS)}")
+    if setting != "auto":
+        return setting
+    return "eager" if device.type == "cpu" and precision == "bf16" else "sdpa"

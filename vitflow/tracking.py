@@ -31,7 +31,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import requests
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
@@ -354,6 +354,8 @@ def log_strategy_run(client: MlflowClient, tracking: TrackingStart, run_id: str,
     the run notes the version it reuses (`model_version`).
     """
     log_values(client, run_id, metrics=run_metrics(evaluation, train))
+    client.log_batch(run_id, tags=[RunTag(f"train_{name}", getattr(train, name))  # what `auto` resolved to
+                                   for name in ("device", "precision", "attention")])
     for path in [*evaluation.artifacts, manifest_csv]:
         client.log_artifact(run_id, path)
     key = training_key(train.model_dir)

@@ -86,6 +86,11 @@ class ImageClassifier(nn.Module):
     def save_weights(self, directory: Path) -> None:
         raise NotImplementedError
 
+    def set_attention(self, kernel: str) -> str:
+        """Compute attention with `kernel`: "sdpa" (PyTorch's fused `scaled_dot_product_attention`) or "eager"
+        (matmul + softmax, the same function); return the kernel it used before."""
+        raise NotImplementedError
+
     def save(self, directory: Path | str) -> Path:
         """Write safetensors weights, the model config, preprocessing and labels into `directory`."""
         directory = Path(directory)

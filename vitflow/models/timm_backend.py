@@ -51,6 +51,14 @@ class TimmClassifier(ImageClassifier):
     def final_norm(self) -> nn.Module:
         return self.model.fc_norm if isinstance(self.model.fc_norm, nn.LayerNorm) else self.model.norm
 
+    def set_attention(self, kernel: str) -> str:
+        """timm's attention layers each have a `fused_attn` switch; layers without one are left as they are."""
+        layers = [module for module in self.model.modules() if hasattr(module, "fused_attn")]
+        previous = "sdpa" if any(layer.fused_attn for layer in layers) else "eager"
+        for layer in layers:
+            layer.fused_attn = kernel == "sdpa"
+        return previous
+
     def save_weights(self, directory: Path) -> None:
         import timm.models
 

@@ -50,6 +50,15 @@ class TransformersClassifier(ImageClassifier):
     def final_norm(self) -> nn.Module:
         return self.model.base_model.layernorm
 
+    def set_attention(self, kernel: str) -> str:
+        previous = self.model.config._attn_implementation
+        try:
+            self.model.set_attn_implementation(kernel)
+        except ValueError as error:
+            raise VitflowError(f"train.attention={kernel}: model {self.source!r} cannot use it "
+                               f"({first_line(error)}); set train.attention: auto") from None
+        return previous
+
     def save_weights(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
         image_processor(self.data_config).save_pretrained(directory)
