@@ -2,13 +2,14 @@
 
     uv run python -m benchmarks.bench_gpu [--images 16384] [--configs 16:1,128:8,256:12] [--peak-flops F] [--flow]
 
-Needs a CUDA device; elsewhere it stops in one line. params.yaml's settings with train.device=cuda and
-train.precision=auto: first the shipped ants vs bees at 224 px (the flow's cache, built when missing), then one
-epoch on a synthetic set (random 32x32 RGB in 10 classes, preprocessed to 224 px) for each batch size : loader
-workers pair. Per row: training images/s over the whole fit (validation included) and in steady state (optimizer
-steps after the first 20, within epochs), peak GPU memory, and model FLOP utilisation: 3 x the forward FLOPs per
-image (FlopCounterMode, one forward pass) x steady images/s / the GPU's peak dense bf16 FLOP/s. `--flow` adds the
-wall time of `vitflow run --set train.device=cuda` in a scratch work directory and MLflow store.
+Needs a CUDA device; elsewhere it stops in one line. params.yaml's settings with train.device=cuda,
+train.precision=auto and every patch (train.full.patch_dropout=0: the FLOPs counted are the FLOPs run): first the
+shipped ants vs bees at 224 px (the flow's cache, built when missing), then one epoch on a synthetic set (random
+32x32 RGB in 10 classes, preprocessed to 224 px) for each batch size : loader workers pair. Per row: training
+images/s over the whole fit (validation included) and in steady state (optimizer steps after the first 20, within
+epochs), peak GPU memory, and model FLOP utilisation: 3 x the forward FLOPs per image (FlopCounterMode, one forward
+pass) x steady images/s / the GPU's peak dense bf16 FLOP/s. `--flow` adds the wall time of `vitflow run --set
+train.device=cuda` in a scratch work directory and MLflow store.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from vitflow.training.engine import TrainingObserver
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
              "L40S": 362e12, "L4": 121e12}
 WARMUP_STEPS = 20
-CUDA = ["train.device=cuda", "train.precision=auto"]
+CUDA = ["train.device=cuda", "train.precision=auto", "train.full.patch_dropout=0"]
 
 
 class StepClock(TrainingObserver):

@@ -20,9 +20,9 @@ def test_overrides_are_parsed_as_yaml_and_do_not_touch_the_original():
     updated = apply_override(updated, "train.full.lr_head=1e-3")
     assert updated["train"]["strategies"] == ["full", "partial"]
     assert updated["train"]["lr_head"] == 5e-4
-    assert updated["train"]["full"] == {"lr_head": 1e-3}
+    assert updated["train"]["full"]["lr_head"] == 1e-3
     assert params["train"]["strategies"] == ["full", "partial", "feature_extraction"]
-    assert "full" not in params["train"]
+    assert "lr_head" not in params["train"]["full"]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -68,6 +68,39 @@ def test_both_attention_kernels_compute_the_same_and_the_model_gets_its_own_back
     torch.testing.assert_close(model(pixels).detach(), fused)
 
 
+def tokens_seen_by_the_first_block(model, pixels: torch.Tensor) -> int:
+    seen = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[1]))
+    try:
+        model(pixels)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_hf_model", "tiny_timm_model"])
+def test_patch_dropout_keeps_the_class_token_and_a_share_of_patches_while_training_only(fixture, request):
+    model = load_model(str(request.getfixturevalue(fixture)), LABELS)
+    pixels = torch.randn(2, 3, 32, 32)  # 4 x 4 patches of 8 px, and the class token
+    model.set_patch_dropout(0.5)
+    assert tokens_seen_by_the_first_block(model.train(), pixels) == 1 + 8
+    assert tokens_seen_by_the_first_block(model.eval(), pixels) == 1 + 16
+    model.set_patch_dropout(0.0)
+    assert tokens_seen_by_the_first_block(model.train(), pixels) == 1 + 16
+
+
+def test_patch_dropout_trains_on_fewer_tokens_validates_on_all_and_is_gone_after(cache, tiny_hf_model, tmp_path):
+    model = load_model(str(tiny_hf_model), LABELS)
+    seen = set()
+    model.blocks[0].register_forward_pre_hook(lambda block, args: seen.add((block.training, args[0].shape[1])))
+    result = fine_tune(model, load_split(cache, "train"), load_split(cache, "val"),
+                       resolve(settings(patch_dropout=0.5, epochs=1), "full"), tmp_path, progress=False)
+    assert result.settings["patch_dropout"] == 0.5 and seen == {(True, 1 + 8), (False, 1 + 16)}
+    seen.clear()
+    model.train()(torch.randn(2, 3, 32, 32))
+    assert seen == {(True, 1 + 16)}
+
+
 def test_fast_bf16_is_read_from_the_cpu_flags(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")

@@ -89,6 +89,7 @@ class TrainConfig(BaseModel):
     grad_accumulation: int = Field(default=1, ge=1)  # batches per optimizer step
     max_grad_norm: float | None = Field(default=1.0, gt=0)  # clip gradients to this norm; null: no clipping
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    patch_dropout: float = Field(default=0.0, ge=0, lt=1)  # fraction of patch tokens dropped per training image
     layer_decay: float = Field(default=1.0, gt=0, le=1)  # backbone lr x this per block below the top
     best_by: Literal["val_loss", "val_accuracy"] = "val_loss"  # what makes an epoch the best, to save and to wait for
     early_stopping_patience: int | None = Field(default=None, ge=1)  # epochs without a better one

@@ -91,6 +91,12 @@ class ImageClassifier(nn.Module):
         (matmul + softmax, the same function); return the kernel it used before."""
         raise NotImplementedError
 
+    def set_patch_dropout(self, rate: float) -> None:
+        """While training, keep a random `1 - rate` of each image's patch tokens after the embeddings (timm's
+        `PatchDropout`; class and other prefix tokens always stay): fewer tokens, less compute. Evaluation sees
+        every patch; rate 0 turns it off."""
+        raise NotImplementedError
+
     def save(self, directory: Path | str) -> Path:
         """Write safetensors weights, the model config, preprocessing and labels into `directory`."""
         directory = Path(directory)

@@ -59,6 +59,18 @@ class TimmClassifier(ImageClassifier):
             layer.fused_attn = kernel == "sdpa"
         return previous
 
+    def set_patch_dropout(self, rate: float) -> None:
+        """timm's vision transformers drop patches in their own `patch_drop` layer, after the position embedding."""
+        from timm.layers import PatchDropout
+
+        if not hasattr(self.model, "patch_drop"):
+            if not rate:
+                return
+            raise VitflowError(f"train.patch_dropout={rate}: timm model {self.source!r} ({type(self.model).__name__}) "
+                               "has no patch_drop layer; set train.patch_dropout: 0")
+        self.model.patch_drop = PatchDropout(rate, num_prefix_tokens=self.model.num_prefix_tokens) if rate \
+            else nn.Identity()
+
     def save_weights(self, directory: Path) -> None:
         import timm.models
 

@@ -20,6 +20,7 @@ class TransformersClassifier(ImageClassifier):
     def __init__(self, model: nn.Module, labels: list[str], data_config: DataConfig, source: str):
         super().__init__(model, labels, data_config, source)
         self._forward_kwargs = forward_kwargs(model, data_config.image_size)
+        self._patch_dropout: torch.utils.hooks.RemovableHandle | None = None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values, **self._forward_kwargs).logits
@@ -58,6 +59,18 @@ class TransformersClassifier(ImageClassifier):
             raise VitflowError(f"train.attention={kernel}: model {self.source!r} cannot use it "
                                f"({first_line(error)}); set train.attention: auto") from None
         return previous
+
+    def set_patch_dropout(self, rate: float) -> None:
+        """A hook on the embeddings' output (tokens with position embeddings added) drops patches from it."""
+        from timm.layers import PatchDropout
+
+        if self._patch_dropout is not None:
+            self._patch_dropout.remove()
+            self._patch_dropout = None
+        if rate:
+            dropout = PatchDropout(rate, num_prefix_tokens=prefix_tokens(self.model))
+            self._patch_dropout = self.model.base_model.embeddings.register_forward_hook(
+                lambda embeddings, _inputs, tokens: dropout.train(embeddings.training)(tokens))
 
     def save_weights(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
@@ -162,13 +175,21 @@ def run_with_attentions(model: nn.Module, pixel_values: torch.Tensor) -> Capture
 
     patch = model.config.patch_size
     ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    distilled = any(getattr(m, "distillation_token", None) is not None for m in model.modules())
     return Captured(
         attentions=attentions,
         gradients=None,
         logits=getattr(outputs, "logits", None),
         grid=(pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw),
-        num_prefix_tokens=1 + int(distilled) + getattr(model.config, "num_register_tokens", 0),
-        distilled=distilled,
+        num_prefix_tokens=prefix_tokens(model),
+        distilled=is_distilled(model),
     )
+
+
+def is_distilled(model: nn.Module) -> bool:
+    return any(getattr(m, "distillation_token", None) is not None for m in model.modules())
+
+
+def prefix_tokens(model: nn.Module) -> int:
+    """The tokens before the patches: class, distillation (DeiT) and register tokens."""
+    return 1 + int(is_distilled(model)) + getattr(model.config, "num_register_tokens", 0)
 

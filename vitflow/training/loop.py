@@ -124,13 +124,15 @@ def fine_tune(model: ImageClassifier, train: SplitTensors, val: SplitTensors, re
     model.to(accelerator.device)
     attention = resolve_attention(settings.attention, accelerator.device, precision_of(accelerator))
     own_attention = model.set_attention(attention)
+    model.set_patch_dropout(settings.patch_dropout)
     start = time.perf_counter()
     fit = resolved.strategy.fit or train_end_to_end
     run = FitRun(accelerator, Checkpoint(checkpoint_dir), progress, observer or TrainingObserver())
     try:
         trained, images_seen = fit(model, train, val, settings, resolved.options, run)
-    finally:
-        model.set_attention(own_attention)  # the saved model, evaluation and rollout keep the model's own kernel
+    finally:  # the saved model, evaluation and rollout: the model's own kernel, every patch
+        model.set_attention(own_attention)
+        model.set_patch_dropout(0.0)
     seconds = time.perf_counter() - start
     resolved.strategy.finish(model, resolved.options)
     result = TrainResult(strategy=resolved.name, settings=resolved.as_dict(), model_dir=str(out_dir / "model"),

@@ -21,7 +21,7 @@ from vitflow.training.validation import validation_metrics
 class FeatureExtraction(Strategy):
     name = "feature_extraction"
     ignores = frozenset({"lr_backbone", "layer_decay", "augment", "crop_scale_min", "grad_accumulation",
-                         "loader_workers"})
+                         "loader_workers", "patch_dropout"})
 
     def trainable_modules(self, model, options):
         return [model.head]
