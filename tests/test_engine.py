@@ -49,8 +49,8 @@ def test_auto_precision_is_bf16_only_where_the_hardware_runs_it_fast():
 def test_auto_attention_is_eager_only_for_bf16_on_a_cpu():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_attention("auto", cpu, "bf16") == "eager"
-    assert resolve_attention("auto", cpu, "fp32") == "sdpa"
-    assert resolve_attention("auto", cuda, "bf16") == "sdpa"
+    assert resolve_attention("auto", cpu, "fp32") is None  # the model's own
+    assert resolve_attention("auto", cuda, "bf16") is None
     assert resolve_attention("sdpa", cpu, "bf16") == "sdpa"  # an explicit value is kept
     assert resolve_attention("eager", cuda, "fp16") == "eager"
 
@@ -59,11 +59,13 @@ def test_auto_attention_is_eager_only_for_bf16_on_a_cpu():
 def test_both_attention_kernels_compute_the_same_and_the_model_gets_its_own_back(fixture, request):
     model = load_model(str(request.getfixturevalue(fixture)), LABELS).eval()
     pixels = torch.randn(2, 3, 32, 32)
+    assert model.attention_kernel == "sdpa"
     with torch.no_grad():
         fused = model(pixels)
-        assert model.set_attention("eager") == "sdpa"
+        model.set_attention("eager")
+        assert model.attention_kernel == "eager"
         plain = model(pixels)
-        assert model.set_attention("sdpa") == "eager"
+        model.set_attention("sdpa")
     torch.testing.assert_close(plain, fused, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model(pixels).detach(), fused)
 
@@ -130,7 +132,7 @@ def test_bf16_trains_under_autocast_and_saves_fp32_weights(cache, tiny_hf_model,
     result = fine_tune(model, load_split(cache, "train"), load_split(cache, "val"),
                        resolve(settings(precision="bf16", epochs=1), "full"), tmp_path, progress=False)
     assert (result.device, result.precision, result.attention) == ("cpu", "bf16", "eager")
-    assert model.model.config._attn_implementation == "sdpa"  # trained with eager, handed back with its own
+    assert model.attention_kernel == "sdpa"  # trained with eager, handed back with its own
     saved = load_model(result.model_dir)
     assert {p.dtype for p in saved.parameters()} == {torch.float32}
     pixels = torch.randn(2, 3, 32, 32)

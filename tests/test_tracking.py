@@ -132,8 +132,8 @@ def test_headline_metrics_sort_before_every_other_name():
     evaluation = EvalResult(metrics={"test_accuracy": 0.9, "test_macro_f1": 0.88, "latency_ms_per_image": 3.0,
                                      "test_precision_ants": 0.9, "test_recall_bees": 0.8}, artifacts=[], predicted=[])
     train = TrainResult(strategy="full", settings={}, model_dir="m", history=[], best_epoch=2, stopped_early=False,
-                        device="cpu", precision="fp32", trainable_params=10, total_params=20, train_seconds=5.0,
-                        images_per_second=40.0, peak_rss_mb=100.0)
+                        device="cpu", precision="fp32", attention="sdpa", trainable_params=10, total_params=20,
+                        train_seconds=5.0, images_per_second=40.0, peak_rss_mb=100.0)
     names = [*run_metrics(evaluation, train), *epoch_metrics({"epoch": 1, "train_loss": 0.5, "val_loss": 0.4,
                                                               "val_accuracy": 0.8}),
              "step/train_loss", "step/lr_head", "precision/int8_top1_agreement", "system/cpu_utilization_percentage"]

@@ -4,8 +4,9 @@ auto device: a CUDA GPU, else Apple's MPS, else the CPU. auto precision: bf16 wh
 fast (CUDA GPUs with bf16; CPUs with AMX or AVX512-BF16), else fp16 with loss scaling on older CUDA GPUs,
 else fp32. Training, evaluation, rollout, the export checks and `predict` all run on the chosen device.
 
-`train.attention`, the attention kernel training uses: auto is PyTorch's fused `scaled_dot_product_attention`
-(sdpa) except in bf16 on a CPU, where its backward pass is slower than the plain matmul + softmax (eager).
+`train.attention`, the attention kernel training uses: auto is the model's own (PyTorch's fused
+`scaled_dot_product_attention`, sdpa, where its library supports it) except in bf16 on a CPU, where the fused
+backward pass is slower than the plain matmul + softmax (eager).
 """
 
 from __future__ import annotations
@@ -63,15 +64,15 @@ def resolve_precision(setting: str, device: torch.device, fast_bf16_cpu: bool | 
     return "fp32"
 
 
-def resolve_attention(setting: str, device: torch.device, precision: str) -> str:
-    """sdpa or eager for `setting` when training on `device` in `precision`.
+def resolve_attention(setting: str, device: torch.device, precision: str) -> str | None:
+    """sdpa or eager for `setting` when training on `device` in `precision`; None: the model's own kernel.
 
-    auto: eager for bf16 on a CPU. There PyTorch's fused attention backward took 0.33 s of a 0.75 s step (ViT-S/14,
-    168 px, batch 16, torch 2.15 on a 2-core Xeon with AMX), eager's matmuls 0.13 s: the step falls to 0.55 s.
-    In fp32 and on GPUs the fused kernel is the faster one.
+    auto: eager for bf16 on a CPU, else the model's own. There PyTorch's fused attention backward took 0.33 s of a
+    0.75 s step (ViT-S/14, 168 px, batch 16, torch 2.15 on a 2-core Xeon with AMX), eager's matmuls 0.13 s: the
+    step falls to 0.55 s. In fp32 and on GPUs the fused kernel is the faster one.
     """
     if setting not in ATTENTION_KERNELS:
         raise VitflowError(f"train.attention={setting!r}: unknown kernel; use one of {', '.join(ATTENTION_KERNELS)}")
     if setting != "auto":
         return setting
-    return "eager" if device.type == "cpu" and precision == "bf16" else "sdpa"
+    return "eager" if device.type == "cpu" and precision == "bf16" else None

@@ -86,9 +86,14 @@ class ImageClassifier(nn.Module):
     def save_weights(self, directory: Path) -> None:
         raise NotImplementedError
 
-    def set_attention(self, kernel: str) -> str:
-        """Compute attention with `kernel`: "sdpa" (PyTorch's fused `scaled_dot_product_attention`) or "eager"
-        (matmul + softmax, the same function); return the kernel it used before."""
+    @property
+    def attention_kernel(self) -> str:
+        """How it computes attention now: "sdpa" (PyTorch's fused `scaled_dot_product_attention`) or "eager"
+        (matmul + softmax, the same function)."""
+        raise NotImplementedError
+
+    def set_attention(self, kernel: str) -> None:
+        """Compute attention with `kernel` ("sdpa" or "eager") from now on."""
         raise NotImplementedError
 
     def set_patch_dropout(self, rate: float) -> None:

@@ -51,13 +51,17 @@ class TimmClassifier(ImageClassifier):
     def final_norm(self) -> nn.Module:
         return self.model.fc_norm if isinstance(self.model.fc_norm, nn.LayerNorm) else self.model.norm
 
-    def set_attention(self, kernel: str) -> str:
-        """timm's attention layers each have a `fused_attn` switch; layers without one are left as they are."""
-        layers = [module for module in self.model.modules() if hasattr(module, "fused_attn")]
-        previous = "sdpa" if any(layer.fused_attn for layer in layers) else "eager"
-        for layer in layers:
+    @property
+    def attention_kernel(self) -> str:
+        return "sdpa" if any(layer.fused_attn for layer in self._attention_layers()) else "eager"
+
+    def set_attention(self, kernel: str) -> None:
+        for layer in self._attention_layers():
             layer.fused_attn = kernel == "sdpa"
-        return previous
+
+    def _attention_layers(self) -> list[nn.Module]:
+        """timm's attention layers each have a `fused_attn` switch; layers without one compute as they do."""
+        return [module for module in self.model.modules() if hasattr(module, "fused_attn")]
 
     def set_patch_dropout(self, rate: float) -> None:
         """timm's vision transformers drop patches in their own `patch_drop` layer, after the position embedding."""

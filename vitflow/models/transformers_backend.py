@@ -51,14 +51,18 @@ class TransformersClassifier(ImageClassifier):
     def final_norm(self) -> nn.Module:
         return self.model.base_model.layernorm
 
-    def set_attention(self, kernel: str) -> str:
-        previous = self.model.config._attn_implementation
+    @property
+    def attention_kernel(self) -> str:
+        return self.model.config._attn_implementation
+
+    def set_attention(self, kernel: str) -> None:
+        if kernel == self.attention_kernel:
+            return
         try:
             self.model.set_attn_implementation(kernel)
         except ValueError as error:
             raise VitflowError(f"train.attention={kernel}: model {self.source!r} cannot use it "
                                f"({first_line(error)}); set train.attention: auto") from None
-        return previous
 
     def set_patch_dropout(self, rate: float) -> None:
         """A hook on the embeddings' output (tokens with position embeddings added) drops patches from it."""

@@ -122,8 +122,9 @@ def fine_tune(model: ImageClassifier, train: SplitTensors, val: SplitTensors, re
     resolved.strategy.prepare(model, resolved.options)
     trainable, total = set_trainable(model, resolved)
     model.to(accelerator.device)
-    attention = resolve_attention(settings.attention, accelerator.device, precision_of(accelerator))
-    own_attention = model.set_attention(attention)
+    own_attention = model.attention_kernel
+    attention = resolve_attention(settings.attention, accelerator.device, precision_of(accelerator)) or own_attention
+    model.set_attention(attention)
     model.set_patch_dropout(settings.patch_dropout)
     start = time.perf_counter()
     fit = resolved.strategy.fit or train_end_to_end
