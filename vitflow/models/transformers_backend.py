@@ -196,4 +196,3 @@ def is_distilled(model: nn.Module) -> bool:
 def prefix_tokens(model: nn.Module) -> int:
     """The tokens before the patches: class, distillation (DeiT) and register tokens."""
     return 1 + int(is_distilled(model)) + getattr(model.config, "num_register_tokens", 0)
-

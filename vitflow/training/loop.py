@@ -140,8 +140,8 @@ def fine_tune(model: ImageClassifier, train: SplitTensors, val: SplitTensors, re
                          history=trained.history, best_epoch=trained.best_epoch,
                          stopped_early=trained.epoch < settings.epochs, device=accelerator.device.type,
                          precision=precision_of(accelerator), attention=attention, trainable_params=trainable,
-                         total_params=total,
-                         train_seconds=round(seconds, 2), images_per_second=round(images_seen / seconds, 2),
+                         total_params=total, train_seconds=round(seconds, 2),
+                         images_per_second=round(images_seen / seconds, 2),
                          peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     if accelerator.is_main_process:
         model.save(out_dir / "model")
