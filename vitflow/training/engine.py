@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from vitflow.config import TrainConfig
 from vitflow.data.cache import SplitTensors, worker_processes
 from vitflow.data.images import augmentation
-from vitflow.devices import resolve_device, resolve_precision
+from vitflow.devices import resolve_attention, resolve_device, resolve_precision
 from vitflow.models import ImageClassifier
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -57,6 +59,22 @@ class TrainingObserver:
 
 def precision_of(accelerator: Accelerator) -> str:
     return {value: key for key, value in MIXED_PRECISION.items()}[accelerator.mixed_precision]
+
+
+@contextmanager
+def training_computation(model: ImageClassifier, settings: TrainConfig, accelerator: Accelerator) -> Iterator[str]:
+    """Within it `model` computes as training should: with `train.attention`'s kernel (yielded) and
+    `train.patch_dropout`. After it, the model's own kernel and every patch again, for saving, evaluation and
+    rollout."""
+    own_kernel = model.attention_kernel
+    kernel = resolve_attention(settings.attention, accelerator.device, precision_of(accelerator)) or own_kernel
+    model.set_attention(kernel)
+    model.set_patch_dropout(settings.patch_dropout)
+    try:
+        yield kernel
+    finally:
+        model.set_attention(own_kernel)
+        model.set_patch_dropout(0.0)
 
 
 class TrainingImages(Dataset):

@@ -35,7 +35,6 @@ from vitflow import locks
 from vitflow.config import ModelConfig, TrainConfig
 from vitflow.data.cache import SplitTensors, load_split
 from vitflow.data.images import normalize
-from vitflow.devices import resolve_attention
 from vitflow.models import ImageClassifier, count_parameters, load_pretrained
 from vitflow.training.engine import (
     Checkpoint,
@@ -46,6 +45,7 @@ from vitflow.training.engine import (
     precision_of,
     restore_best,
     training_batches,
+    training_computation,
 )
 from vitflow.training.strategies import ResolvedStrategy
 from vitflow.training.validation import validate
@@ -122,18 +122,11 @@ def fine_tune(model: ImageClassifier, train: SplitTensors, val: SplitTensors, re
     resolved.strategy.prepare(model, resolved.options)
     trainable, total = set_trainable(model, resolved)
     model.to(accelerator.device)
-    own_attention = model.attention_kernel
-    attention = resolve_attention(settings.attention, accelerator.device, precision_of(accelerator)) or own_attention
-    model.set_attention(attention)
-    model.set_patch_dropout(settings.patch_dropout)
     start = time.perf_counter()
     fit = resolved.strategy.fit or train_end_to_end
     run = FitRun(accelerator, Checkpoint(checkpoint_dir), progress, observer or TrainingObserver())
-    try:
+    with training_computation(model, settings, accelerator) as attention:
         trained, images_seen = fit(model, train, val, settings, resolved.options, run)
-    finally:  # the saved model, evaluation and rollout: the model's own kernel, every patch
-        model.set_attention(own_attention)
-        model.set_patch_dropout(0.0)
     seconds = time.perf_counter() - start
     resolved.strategy.finish(model, resolved.options)
     result = TrainResult(strategy=resolved.name, settings=resolved.as_dict(), model_dir=str(out_dir / "model"),
