@@ -1,6 +1,6 @@
-"""What a training runs on and with: the Accelerate `Accelerator` (device, mixed precision, processes), the
-batches streamed from the memory-mapped cache, the optimizer's parameter groups, the schedule, and the
-per-epoch checkpoint a killed training resumes from.
+"""What a training runs on and with: the Accelerate `Accelerator` (device, mixed precision, processes), how the
+model computes while it trains (attention kernel, patch dropout), the batches streamed from the memory-mapped
+cache, the optimizer's parameter groups, and the per-epoch checkpoint a killed training resumes from.
 """
 
 from __future__ import annotations
