@@ -37,8 +37,10 @@ def stage_seconds(flow_run_id, result: dict) -> pd.Series:
     suffixes = sorted(branches | {item.model for item in result["registered"]}, key=len, reverse=True)
 
     def stage(name: str) -> str:
-        suffix = next((suffix for suffix in suffixes if name.endswith(f"-{suffix}")), name.rsplit("-", 1)[-1])
-        return name.removesuffix(f"-{suffix}")
+        for suffix in suffixes:
+            if name.endswith(f"-{suffix}"):
+                return name.removesuffix(f"-{suffix}")
+        return name.rsplit("-", 1)[0]  # Prefect's own suffix
 
     # a branch's own task run runs the others: counting it would count them twice
     frame = pd.DataFrame([{"stage": stage(run.name), "seconds": run.total_run_time.total_seconds()}

@@ -148,16 +148,14 @@ class Progress:
     def epoch(self) -> int:
         return len(self.history)
 
-    def record(self, row: dict, model: torch.nn.Module) -> bool:
-        """Add an epoch's row; True when it is the best yet (by `best_by`), whose trainable weights are kept (on
-        the CPU) to be restored at the end."""
+    def record(self, row: dict, model: torch.nn.Module) -> None:
+        """Add an epoch's row; when it is the best yet (by `best_by`), keep its trainable weights (on the CPU) to be
+        restored at the end."""
         self.history.append(row)
         best = self.history[self.best_epoch - 1] if self.best_epoch else None
         if best is None or self.score(row) > self.score(best):
             self.best_epoch = row["epoch"]
             self.best_weights = trainable_state(model)
-            return True
-        return False
 
     def score(self, row: dict) -> tuple[float, ...]:
         """Higher is better: the val loss, lowest first, or the val accuracy with ties broken by the loss."""
